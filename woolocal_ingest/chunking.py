@@ -1,0 +1,130 @@
+"""Cut Documents into Chunks measured in the embedding model's own tokens, with LangChain-JS-shaped metadata."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
+
+from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
+
+from woolocal_ingest.documents import Document
+
+if TYPE_CHECKING:
+    from woolocal_ingest.embedders.base import TokenCounter
+
+LANGUAGE_BY_TYPE: dict[str, Language] = {
+    "md": Language.MARKDOWN, "markdown": Language.MARKDOWN, "html": Language.MARKDOWN, "htm": Language.MARKDOWN,
+    "rst": Language.RST, "py": Language.PYTHON, "js": Language.JS, "mjs": Language.JS, "jsx": Language.JS,
+    "ts": Language.TS, "tsx": Language.TS, "go": Language.GO, "rs": Language.RUST, "java": Language.JAVA,
+    "c": Language.C, "h": Language.C, "cpp": Language.CPP, "hpp": Language.CPP, "cc": Language.CPP,
+    "rb": Language.RUBY, "php": Language.PHP, "scala": Language.SCALA, "swift": Language.SWIFT,
+    "kt": Language.KOTLIN, "cs": Language.CSHARP, "lua": Language.LUA,
+}
+_MD_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.M)
+_RST_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+:.<>_])\1{2,}[ \t]*$")
+
+
+@dataclass(frozen=True)
+class ChunkSettings:
+    """Chunk size and overlap in tokens; `limit` is the hard cap (the model's max sequence length less specials)."""
+
+    chunk_tokens: int = 200
+    overlap_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One row of a store: the text to embed, where it came from, and its JSON metadata."""
+
+    id: str
+    text: str
+    source: str
+    chunk: int
+    metadata: dict = field(hash=False, compare=True)
+    sha256: str = ""
+
+    @staticmethod
+    def text_sha256(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def chunk_id(source: str, index: int) -> str:
+    """A stable UUID-shaped id for chunk `index` of `source` (the same scheme as LangChain JS fixtures here)."""
+    return str(uuid.UUID(bytes=hashlib.sha256(f"{source}#{index}".encode()).digest()[:16], version=4))
+
+
+def _headings(doc: Document) -> list[tuple[int, str]]:
+    """(offset, heading text) for each heading of a Markdown/HTML or reStructuredText document."""
+    text = doc.text
+    if doc.file_type == "rst" or doc.metadata.get("fileType") == "rst":
+        out, lines, pos = [], text.split("\n"), 0
+        offsets = []
+        for line in lines:
+            offsets.append(pos)
+            pos += len(line) + 1
+        for i in range(1, len(lines)):
+            title, under = lines[i - 1].strip(), lines[i]
+            if title and _RST_UNDERLINE.match(under) and len(under.rstrip()) >= len(title) and not _RST_UNDERLINE.match(title):
+                out.append((offsets[i - 1], title))
+        return out
+    return [(m.start(), m.group(2).strip()) for m in _MD_HEADING.finditer(text)]
+
+
+def _splitter(file_type: str, settings: ChunkSettings, counter: "TokenCounter") -> RecursiveCharacterTextSplitter:
+    kwargs = dict(chunk_size=settings.chunk_tokens, chunk_overlap=settings.overlap_tokens,
+                  length_function=counter.count, add_start_index=True, strip_whitespace=True)
+    lang = LANGUAGE_BY_TYPE.get(file_type)
+    if lang is not None:
+        return RecursiveCharacterTextSplitter.from_language(lang, **kwargs)
+    return RecursiveCharacterTextSplitter(**kwargs)
+
+
+def effective_settings(settings: ChunkSettings, counter: "TokenCounter", max_tokens: int) -> ChunkSettings:
+    """Settings capped so that no chunk (plus the model's special tokens) exceeds its max sequence length."""
+    limit = max_tokens - counter.special_tokens
+    size = min(settings.chunk_tokens, limit)
+    return ChunkSettings(chunk_tokens=size, overlap_tokens=min(settings.overlap_tokens, size // 2))
+
+
+def chunk_document(doc: Document, counter: "TokenCounter", settings: ChunkSettings, max_tokens: int) -> list[Chunk]:
+    """Split one document; every chunk fits the model (no silent truncation), line ranges as LangChain JS writes them."""
+    eff = effective_settings(settings, counter, max_tokens)
+    limit = max_tokens - counter.special_tokens
+    text = doc.text
+    pieces: list[tuple[int, str]] = []
+    kind = LANGUAGE_BY_TYPE.get(str(doc.metadata.get("fileType", "")).lower()) and str(doc.metadata["fileType"]).lower()
+    for d in _splitter(kind or doc.file_type, eff, counter).create_documents([text]):
+        start = d.metadata.get("start_index", -1)
+        if start < 0:
+            start = text.find(d.page_content)
+        # A separator-free run longer than the limit can survive the recursive splitter: cut it at token boundaries.
+        offset = 0
+        for part in counter.split(d.page_content, limit):
+            if part.strip():
+                pieces.append((max(start, 0) + offset, part))
+            offset += len(part)
+    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+    heads = _headings(doc)
+    head_pos = [h[0] for h in heads]
+    total = len(pieces)
+    chunks = []
+    for i, (start, piece) in enumerate(pieces):
+        end = start + len(piece)
+        line_from = bisect.bisect_right(line_starts, start)
+        line_to = bisect.bisect_right(line_starts, max(start, end - 1))
+        meta = {**doc.metadata, "loc": {"lines": {"from": line_from, "to": line_to}}, "chunk": i, "totalChunks": total}
+        h = bisect.bisect_right(head_pos, start + (len(piece) - len(piece.lstrip())))
+        if h:
+            meta["heading"] = heads[h - 1][1]
+        chunks.append(Chunk(id=chunk_id(doc.id, i), text=piece, source=doc.id, chunk=i, metadata=meta,
+                            sha256=Chunk.text_sha256(piece)))
+    return chunks
+
+
+def chunk_documents(docs: Iterable[Document], counter: "TokenCounter", settings: ChunkSettings,
+                    max_tokens: int) -> list[Chunk]:
+    return [c for d in docs for c in chunk_document(d, counter, settings, max_tokens)]

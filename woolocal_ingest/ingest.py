@@ -1,0 +1,328 @@
+"""Incremental ingest as plain functions: plan (what changed), load+chunk, embed, assemble and write a store.
+
+The Prefect flow in `pipelines/ingest_flow.py` orchestrates exactly these steps; `run_ingest` runs them in-process.
+Semantics follow LangChain's indexing API with `cleanup="full"`: unchanged files are not re-read or re-embedded,
+a changed file re-embeds only chunks whose text is new, a deleted file's chunks leave the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from woolocal_ingest.chunking import Chunk, ChunkSettings, chunk_document, effective_settings
+from woolocal_ingest.documents import Skipped, discover, parse, read_source
+from woolocal_ingest.embedders.base import Embedder
+from woolocal_ingest.errors import DocumentError, StoreError, WoolocalError
+from woolocal_ingest.stores import Store, is_store, store_dir, write_store
+
+EMBED_TASK_SIZE = 512  # chunks per embedding task: coarse, so per-task orchestration cost hides under the model
+LOAD_GROUP_BYTES = 4 << 20  # raw bytes per load+chunk task
+
+ProgressFn = Callable[[str, int], None]  # ("total", n) once, then ("embedded", n) per batch
+_progress: ProgressFn | None = None
+
+
+def set_progress(fn: ProgressFn | None) -> None:
+    """Route embedding progress to `fn` (the CLI's bar); None turns it off."""
+    global _progress
+    _progress = fn
+
+
+def _emit(event: str, n: int) -> None:
+    if _progress is not None:
+        _progress(event, n)
+
+
+@dataclass
+class IngestPlan:
+    """What a run must do, decided from file hashes before any parsing or embedding."""
+
+    project: str
+    root: Path
+    target: Path
+    model: dict  # ModelInfo.to_manifest() + files_sha256 + backend
+    chunking: dict
+    python_layout: bool
+    to_load: list[str]  # new or changed files (rel paths)
+    file_sha: dict[str, str]  # every file found and hashed
+    unchanged: list[str]  # files whose chunks are copied from the previous store
+    deleted: list[str]  # files gone since the previous store
+    skipped: list[Skipped]
+    previous: str | None  # previous store folder, if any
+    reuse_vectors: bool  # previous store was embedded by the very same model files
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.to_load or self.deleted) or self.previous is None
+
+    def load_groups(self, max_bytes: int = LOAD_GROUP_BYTES) -> list[list[str]]:
+        """`to_load` cut into groups of about `max_bytes` of files each (one load+chunk task per group)."""
+        groups: list[list[str]] = [[]]
+        size = 0
+        for rel in self.to_load:
+            try:
+                n = (self.root / rel).stat().st_size
+            except OSError:
+                n = 0
+            if groups[-1] and size + n > max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(rel)
+            size += n
+        return [g for g in groups if g]
+
+
+@dataclass
+class Loaded:
+    """Chunks of one group of files, with the hash of exactly the bytes that were parsed."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    file_sha: dict[str, str] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+@dataclass
+class IngestSummary:
+    """What a run did; `to_dict()` is the CLI's `--json` object."""
+
+    project: str
+    store: str
+    model: str
+    backend: str
+    dim: int
+    count: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    embedded: int = 0
+    reused: int = 0
+    files: dict = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    written: bool = False
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["skipped_count"] = len(self.skipped)
+        return d
+
+
+def _model_manifest(embedder: Embedder) -> dict:
+    info = embedder.info
+    return {**info.to_manifest(), "backend": embedder.backend, "files_sha256": info.files_sha256()}
+
+
+def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
+                include: Sequence[str], exclude: Sequence[str], python_layout: bool = False) -> IngestPlan:
+    """Discover and hash the project's files and compare them with the previous store's record."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise WoolocalError(f"{root}: project folder not found")
+    paths, skipped = discover(root, include=include, exclude=exclude)
+    file_sha: dict[str, str] = {}
+    for p in paths:
+        try:
+            src = read_source(root, p)
+        except DocumentError as e:
+            skipped.append(Skipped(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p), str(e)))
+            continue
+        file_sha[src.rel] = src.sha256
+    eff = effective_settings(settings, embedder.tokens, embedder.max_tokens)
+    chunking = {"chunk_tokens": eff.chunk_tokens, "overlap_tokens": eff.overlap_tokens,
+                "tokenizer": embedder.model_name, "splitter": "langchain-text-splitters recursive (by file type)"}
+    model = _model_manifest(embedder)
+    target = store_dir(stores_root, project, embedder.info.slug, embedder.dim)
+    prev_files: dict[str, str] = {}
+    previous = None
+    reuse = False
+    same_chunking = False
+    if is_store(target):
+        try:
+            prev = Store(target)
+        except StoreError:
+            prev = None  # unreadable previous version: rebuild everything (it is replaced atomically)
+        if prev is not None:
+            previous = str(target)
+            prev_files = prev.manifest.get("source", {}).get("files", {})
+            reuse = prev.manifest.get("model", {}).get("files_sha256") == model["files_sha256"]
+            same_chunking = prev.manifest.get("chunking") == chunking and reuse
+    unreadable = {s.source for s in skipped}
+    if same_chunking:
+        to_load = [r for r, sha in file_sha.items() if prev_files.get(r) != sha]
+        unchanged = [r for r, sha in file_sha.items() if prev_files.get(r) == sha]
+        # A file that is there but unreadable this time keeps its previous chunks: a failed read loses nothing.
+        unchanged += [r for r in prev_files if r in unreadable and r not in file_sha]
+    else:
+        to_load, unchanged = sorted(file_sha), []
+    deleted = sorted(r for r in prev_files if r not in file_sha and r not in unreadable) if previous else []
+    return IngestPlan(project=project, root=root, target=target, model=model, chunking=chunking,
+                      python_layout=python_layout, to_load=sorted(to_load), file_sha=file_sha,
+                      unchanged=sorted(unchanged), deleted=deleted, skipped=skipped, previous=previous,
+                      reuse_vectors=reuse)
+
+
+def load_and_chunk(root: Path, rels: Sequence[str], embedder: Embedder, settings: ChunkSettings) -> Loaded:
+    """Read, parse and chunk a group of files; a bad file becomes a Skipped entry, never an exception."""
+    out = Loaded()
+    for rel in rels:
+        try:
+            src = read_source(root, Path(root) / rel)
+            doc = parse(src)
+        except DocumentError as e:
+            out.skipped.append(Skipped(rel, str(e)))
+            continue
+        out.file_sha[rel] = doc.sha256
+        out.chunks.extend(chunk_document(doc, embedder.tokens, settings, embedder.max_tokens))
+    return out
+
+
+def batched(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def embed_texts(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
+    """Embed one batch of texts, reporting progress; float32 [n, dim], L2-normalised."""
+    return embedder.embed_documents(list(texts), progress=lambda n: _emit("embedded", n))
+
+
+def texts_to_embed(plan: IngestPlan, loaded: Sequence[Loaded]) -> list[str]:
+    """Texts of new chunks that no previous vector covers, deduplicated, in a stable order."""
+    known = _previous_vectors_by_sha(plan)[0] if plan.reuse_vectors else {}
+    seen: dict[str, str] = {}
+    for group in loaded:
+        for c in group.chunks:
+            if c.sha256 not in known and c.sha256 not in seen:
+                seen[c.sha256] = c.text
+    return list(seen.values())
+
+
+def _previous_vectors_by_sha(plan: IngestPlan) -> tuple[dict[str, int], Store | None]:
+    if plan.previous is None:
+        return {}, None
+    prev = Store(Path(plan.previous))
+    by_sha: dict[str, int] = {}
+    for row, sha in enumerate(prev._rows["sha256"]):
+        by_sha.setdefault(sha, row)
+    return by_sha, prev
+
+
+def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Sequence[str],
+                       new_vectors: Sequence[np.ndarray], embedder: Embedder) -> IngestSummary:
+    """Combine kept rows, reused and new vectors into the next version of the store and write it atomically."""
+    t0 = time.perf_counter()
+    summary = IngestSummary(project=plan.project, store=str(plan.target), model=embedder.model_name,
+                            backend=embedder.backend, dim=embedder.dim)
+    by_sha, prev = _previous_vectors_by_sha(plan)
+    prev_vectors = prev.vectors() if prev is not None else np.zeros((0, embedder.dim), np.float32)
+    prev_chunks = prev.chunks() if prev is not None else []
+    new_vecs = np.concatenate(list(new_vectors)) if len(new_vectors) else np.zeros((0, embedder.dim), np.float32)
+    if new_vecs.shape[0] != len(new_texts):
+        raise WoolocalError(f"embedding returned {new_vecs.shape[0]} vectors for {len(new_texts)} texts")
+    fresh = {Chunk.text_sha256(t): i for i, t in enumerate(new_texts)}
+
+    skipped = list(plan.skipped)
+    file_sha = {r: plan.file_sha[r] for r in plan.unchanged if r in plan.file_sha}
+    prev_files = prev.manifest.get("source", {}).get("files", {}) if prev is not None else {}
+    for r in plan.unchanged:
+        file_sha.setdefault(r, prev_files.get(r, ""))
+    chunks: list[Chunk] = []
+    rows: list[np.ndarray] = []
+    unchanged_sources = set(plan.unchanged)
+    prev_by_source: dict[str, list[int]] = {}
+    for i, c in enumerate(prev_chunks):
+        prev_by_source.setdefault(c.source, []).append(i)
+    for src in sorted(unchanged_sources):
+        for i in prev_by_source.get(src, []):
+            chunks.append(prev_chunks[i])
+            rows.append(prev_vectors[i])
+            summary.unchanged += 1
+    loaded_sources: set[str] = set()
+    for group in loaded:
+        skipped += group.skipped
+        file_sha.update(group.file_sha)
+        loaded_sources.update(group.file_sha)
+        for c in group.chunks:
+            if c.sha256 in fresh:
+                rows.append(new_vecs[fresh[c.sha256]])
+                summary.embedded += 0  # counted once below
+            elif plan.reuse_vectors and c.sha256 in by_sha:
+                rows.append(prev_vectors[by_sha[c.sha256]])
+                summary.reused += 1
+            else:
+                raise WoolocalError(f"{c.source} chunk {c.chunk}: no vector (embedding step incomplete)")
+            chunks.append(c)
+    summary.embedded = len(new_texts)
+    # Per-chunk-id accounting against the previous version.
+    prev_ids = {c.id: c for c in prev_chunks}
+    for c in chunks:
+        if c.source in unchanged_sources:
+            continue
+        old = prev_ids.get(c.id)
+        if old is None:
+            summary.added += 1
+        elif old.sha256 == c.sha256 and old.metadata == c.metadata:
+            summary.unchanged += 1
+        else:
+            summary.updated += 1
+    new_ids = {c.id for c in chunks}
+    # Files that failed to load now but were in the previous store keep their chunks (nothing is lost).
+    for s in skipped:
+        if s.source in prev_by_source and s.source not in unchanged_sources and s.source not in loaded_sources:
+            for i in prev_by_source[s.source]:
+                if prev_chunks[i].id not in new_ids:
+                    chunks.append(prev_chunks[i])
+                    rows.append(prev_vectors[i])
+                    new_ids.add(prev_chunks[i].id)
+                    summary.unchanged += 1
+            file_sha[s.source] = prev_files.get(s.source, "")
+    summary.deleted = sum(1 for c in prev_chunks if c.id not in new_ids)
+    order = sorted(range(len(chunks)), key=lambda i: (chunks[i].source, chunks[i].chunk))
+    chunks = [chunks[i] for i in order]
+    vectors = np.stack([rows[i] for i in order]) if rows else np.zeros((0, embedder.dim), np.float32)
+    summary.count = len(chunks)
+    summary.skipped = [{"source": s.source, "reason": s.reason} for s in skipped]
+    summary.files = {"found": len(plan.file_sha) + len({s.source for s in plan.skipped}),
+                     "loaded": len(loaded_sources), "unchanged": len(plan.unchanged), "deleted": len(plan.deleted),
+                     "skipped": len({s.source for s in skipped})}
+    changed = summary.added or summary.updated or summary.deleted or prev is None
+    if changed:
+        fingerprint = hashlib.sha256(json.dumps(sorted(file_sha.items())).encode()).hexdigest()
+        manifest = {
+            "project": plan.project,
+            "model": plan.model,
+            "chunking": plan.chunking,
+            "source": {"root": str(plan.root), "fingerprint": fingerprint, "files": dict(sorted(file_sha.items()))},
+            "migrated_from": None,
+        }
+        write_store(plan.target, chunks, vectors, manifest, python_layout=plan.python_layout)
+        summary.written = True
+    summary.timings["write"] = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
+               include: Sequence[str], exclude: Sequence[str], python_layout: bool = False) -> IngestSummary:
+    """The whole ingest in this process, without Prefect: the same steps the flow runs as tasks."""
+    t = time.perf_counter()
+    plan = plan_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout)
+    t_plan = time.perf_counter() - t
+    t = time.perf_counter()
+    loaded = [load_and_chunk(plan.root, g, embedder, settings) for g in plan.load_groups()]
+    t_chunk = time.perf_counter() - t
+    t = time.perf_counter()
+    texts = texts_to_embed(plan, loaded)
+    _emit("total", len(texts))
+    vectors = [embed_texts(embedder, b) for b in batched(texts, EMBED_TASK_SIZE)]
+    t_embed = time.perf_counter() - t
+    summary = assemble_and_write(plan, loaded, texts, vectors, embedder)
+    summary.timings.update(plan=round(t_plan, 3), load_chunk=round(t_chunk, 3), embed=round(t_embed, 3))
+    return summary
