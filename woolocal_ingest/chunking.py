@@ -69,7 +69,8 @@ def _headings(doc: Document) -> list[tuple[int, str]]:
         for i in range(1, len(lines)):
             title, under = lines[i - 1].strip(), lines[i]
             if title and _RST_UNDERLINE.match(under) and len(under.rstrip()) >= len(title) and not _RST_UNDERLINE.match(title):
-                out.append((offsets[i - 1], title))
+                over = i >= 2 and _RST_UNDERLINE.match(lines[i - 2]) is not None  # over- and underlined title
+                out.append((offsets[i - 2] if over else offsets[i - 1], title))
         return out
     return [(m.start(), m.group(2).strip()) for m in _MD_HEADING.finditer(text)]
 
