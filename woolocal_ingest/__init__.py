@@ -1,12 +1,12 @@
 """woolocal-ingest: local embeddings and dimension-tagged FAISS stores for Wooster (LangChain JS and Python)."""
 
 from woolocal_ingest.errors import (
-    ConfigError, DimensionMismatchError, DocumentError, ModelNotFoundError, StoreError, WoolocalError,
+    ConfigError, DimensionMismatchError, DocumentError, ModelNotFoundError, StoreError, StoreNotFoundError, WoolocalError,
 )
 from woolocal_ingest.stores import SearchHit, Store, open_store
 
 __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "DimensionMismatchError", "DocumentError", "ModelNotFoundError", "SearchHit", "Store",
-    "StoreError", "WoolocalError", "open_store",
+    "StoreError", "StoreNotFoundError", "WoolocalError", "open_store",
 ]

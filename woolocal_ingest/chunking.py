@@ -24,7 +24,11 @@ LANGUAGE_BY_TYPE: dict[str, Language] = {
     "rb": Language.RUBY, "php": Language.PHP, "scala": Language.SCALA, "swift": Language.SWIFT,
     "kt": Language.KOTLIN, "cs": Language.CSHARP, "lua": Language.LUA,
 }
+# Bump when chunk boundaries or metadata change: stores built by an older chunker are re-chunked on the next ingest.
+CHUNKER_VERSION = 2
+_HEADED = {"md", "markdown", "html", "htm", "xhtml", "rst"}
 _MD_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.M)
+_MD_FENCE = re.compile(r"^[ \t]{0,3}(`{3,}|~{3,})")
 _RST_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+:.<>_])\1{2,}[ \t]*$")
 
 
@@ -54,13 +58,17 @@ class Chunk:
 
 def chunk_id(source: str, index: int) -> str:
     """A stable UUID-shaped id for chunk `index` of `source` (the same scheme as LangChain JS fixtures here)."""
-    return str(uuid.UUID(bytes=hashlib.sha256(f"{source}#{index}".encode()).digest()[:16], version=4))
+    return str(uuid.UUID(bytes=hashlib.sha256(f"{source}#{index}".encode("utf-8", "surrogatepass")).digest()[:16],
+                          version=4))
 
 
 def _headings(doc: Document) -> list[tuple[int, str]]:
     """(offset, heading text) for each heading of a Markdown/HTML or reStructuredText document."""
     text = doc.text
-    if doc.file_type == "rst" or doc.metadata.get("fileType") == "rst":
+    kind = str(doc.metadata.get("fileType", doc.file_type)).lower()
+    if kind not in _HEADED:
+        return []  # code comments and CSV rows are not headings
+    if kind == "rst":
         out, lines, pos = [], text.split("\n"), 0
         offsets = []
         for line in lines:
@@ -72,7 +80,21 @@ def _headings(doc: Document) -> list[tuple[int, str]]:
                 over = i >= 2 and _RST_UNDERLINE.match(lines[i - 2]) is not None  # over- and underlined title
                 out.append((offsets[i - 2] if over else offsets[i - 1], title))
         return out
-    return [(m.start(), m.group(2).strip()) for m in _MD_HEADING.finditer(text)]
+    # Markdown: '#' lines inside fenced code blocks (shell or Python comments) are not headings.
+    out, pos, fence = [], 0, ""
+    for line in text.split("\n"):
+        f = _MD_FENCE.match(line)
+        if fence:
+            if f and f.group(1)[0] == fence[0] and len(f.group(1)) >= len(fence) and not line[f.end():].strip():
+                fence = ""
+        elif f:
+            fence = f.group(1)
+        else:
+            m = _MD_HEADING.match(line)
+            if m:
+                out.append((pos, m.group(2).strip()))
+        pos += len(line) + 1
+    return out
 
 
 def _splitter(file_type: str, settings: ChunkSettings, counter: "TokenCounter") -> RecursiveCharacterTextSplitter:
@@ -98,10 +120,15 @@ def chunk_document(doc: Document, counter: "TokenCounter", settings: ChunkSettin
     text = doc.text
     pieces: list[tuple[int, str]] = []
     kind = LANGUAGE_BY_TYPE.get(str(doc.metadata.get("fileType", "")).lower()) and str(doc.metadata["fileType"]).lower()
+    # LangChain's own start_index assumes the overlap is counted in characters (it is in tokens here) and then
+    # finds a later copy of a repeated chunk, or none. Chunks come in text order, each starting after the previous
+    # one, so the first occurrence after the previous start is the chunk's own place.
+    prev_start = -1
     for d in _splitter(kind or doc.file_type, eff, counter).create_documents([text]):
-        start = d.metadata.get("start_index", -1)
+        start = text.find(d.page_content, prev_start + 1)
         if start < 0:
             start = text.find(d.page_content)
+        prev_start = max(start, prev_start)
         # A separator-free run longer than the limit can survive the recursive splitter: cut it at token boundaries.
         offset = 0
         for part in counter.split(d.page_content, limit):

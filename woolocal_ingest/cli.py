@@ -63,10 +63,13 @@ class _Bar:
     def __call__(self, event: str, n: int) -> None:
         if not self.enabled:
             return
-        if event == "total":
-            from tqdm import tqdm
+        if event == "total+":
+            if self.bar is None:
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=n, unit="chunk", desc="embedding", file=sys.stderr, dynamic_ncols=True)
+                self.bar = tqdm(total=0, unit="chunk", desc="embedding", file=sys.stderr, dynamic_ncols=True)
+            self.bar.total += n
+            self.bar.refresh()
         elif event == "embedded" and self.bar is not None:
             self.bar.update(n)
 
@@ -111,7 +114,7 @@ def ingest(obj: _Ctx, target, stores, model, backend, python_layout, no_prefect,
             include=list(proj.include), exclude=list(proj.exclude),
             python_layout=cfg.python_layout(proj) if python_layout is None else python_layout,
         )
-        if purpose.dimensions is not None:
+        if purpose.dimensions is not None and model is None:  # an explicit --model makes its own store
             from woolocal_ingest.embedders import resolve_model
 
             info = resolve_model(params["model"])
@@ -138,6 +141,10 @@ def ingest(obj: _Ctx, target, stores, model, backend, python_layout, no_prefect,
         raise
     except WoolocalError as e:
         raise _fail(e)
+    except Exception as e:  # a bug or an OS failure: one line, exit 1 (-v for the traceback)
+        if obj.verbose:
+            raise
+        raise _fail(WoolocalError(f"ingest failed: {type(e).__name__}: {e}"))
     if as_json:
         _emit_json(summary)
     else:
@@ -188,10 +195,10 @@ def _print_ingest_summary(s: dict) -> None:
         f"  files    {f['found']} found, {f['loaded']} loaded, {f['unchanged']} unchanged, {f['deleted']} deleted, "
         f"{f['skipped']} skipped",
     ]
-    for sk in s["skipped"][:20]:
+    for sk in s["skipped_files"][:20]:
         lines.append(f"  skipped  {sk['source']}: {sk['reason']}")
-    if len(s["skipped"]) > 20:
-        lines.append(f"  skipped  ... and {len(s['skipped']) - 20} more (--json lists all)")
+    if s["skipped"] > 20:
+        lines.append(f"  skipped  ... and {s['skipped'] - 20} more (--json lists all)")
     lines.append(f"  time     {t.get('total', 0):.1f}s (plan {t.get('plan', 0):.1f}, load+chunk {t.get('load_chunk', 0):.1f}, "
                  f"embed {emb_t:.1f}, write {t.get('write', 0):.1f})")
     click.echo("\n".join(lines))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,7 +157,12 @@ def _format_errors(path: Path, err: ValidationError, data: Any) -> str:
         got = ""
         if "input" in e and e["type"] not in ("missing", "extra_forbidden") and not isinstance(e["input"], dict):
             got = f" (got {e['input']!r})"
-        lines.append(f"  {_loc(tuple(loc))}: {msg}{got}")
+            if repr(e["input"]) in msg:  # the validator's own message already quotes the value
+                got = ""
+        if not loc and re.match(r"[A-Za-z_][\w.\[\]]*: ", msg):
+            lines.append(f"  {msg}{got}")  # a top-level check whose message starts with the key path it is about
+        else:
+            lines.append(f"  {_loc(tuple(loc))}: {msg}{got}")
     return "\n".join(lines)
 
 

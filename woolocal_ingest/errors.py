@@ -29,5 +29,11 @@ class StoreError(WoolocalError):
     """A store folder is missing, damaged or inconsistent."""
 
 
+class StoreNotFoundError(StoreError):
+    """No store at that path or under that project name (bad input: exit 2)."""
+
+    exit_code = 2
+
+
 class DimensionMismatchError(StoreError):
     """Two dimensions that must agree do not (store name, manifest, index, embedder)."""

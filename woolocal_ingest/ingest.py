@@ -16,16 +16,16 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from woolocal_ingest.chunking import Chunk, ChunkSettings, chunk_document, effective_settings
+from woolocal_ingest.chunking import CHUNKER_VERSION, Chunk, ChunkSettings, chunk_document, effective_settings
 from woolocal_ingest.documents import Skipped, discover, parse, read_source
 from woolocal_ingest.embedders.base import Embedder
 from woolocal_ingest.errors import DocumentError, StoreError, WoolocalError
 from woolocal_ingest.stores import Store, is_store, store_dir, write_store
 
 EMBED_TASK_SIZE = 512  # chunks per embedding task: coarse, so per-task orchestration cost hides under the model
-LOAD_GROUP_BYTES = 4 << 20  # raw bytes per load+chunk task
+LOAD_GROUP_BYTES = 1 << 20  # raw bytes per load+chunk task: several groups, so chunking overlaps embedding
 
-ProgressFn = Callable[[str, int], None]  # ("total", n) once, then ("embedded", n) per batch
+ProgressFn = Callable[[str, int], None]  # ("total+", n) as work is found, ("embedded", n) per batch done
 _progress: ProgressFn | None = None
 
 
@@ -57,10 +57,7 @@ class IngestPlan:
     skipped: list[Skipped]
     previous: str | None  # previous store folder, if any
     reuse_vectors: bool  # previous store was embedded by the very same model files
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.to_load or self.deleted) or self.previous is None
+    reusable: frozenset[str] = frozenset()  # text sha256s whose vectors the previous store already holds
 
     def load_groups(self, max_bytes: int = LOAD_GROUP_BYTES) -> list[list[str]]:
         """`to_load` cut into groups of about `max_bytes` of files each (one load+chunk task per group)."""
@@ -105,13 +102,13 @@ class IngestSummary:
     embedded: int = 0
     reused: int = 0
     files: dict = field(default_factory=dict)
-    skipped: list[dict] = field(default_factory=list)
+    skipped_files: list[dict] = field(default_factory=list)  # {source, reason} for each file skipped
     written: bool = False
     timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["skipped_count"] = len(self.skipped)
+        d["skipped"] = len(self.skipped_files)
         return d
 
 
@@ -136,13 +133,14 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
             continue
         file_sha[src.rel] = src.sha256
     eff = effective_settings(settings, embedder.tokens, embedder.max_tokens)
-    chunking = {"chunk_tokens": eff.chunk_tokens, "overlap_tokens": eff.overlap_tokens,
+    chunking = {"chunker_version": CHUNKER_VERSION, "chunk_tokens": eff.chunk_tokens, "overlap_tokens": eff.overlap_tokens,
                 "tokenizer": embedder.model_name, "splitter": "langchain-text-splitters recursive (by file type)"}
     model = _model_manifest(embedder)
     target = store_dir(stores_root, project, embedder.info.slug, embedder.dim)
     prev_files: dict[str, str] = {}
     previous = None
     reuse = False
+    reusable: frozenset[str] = frozenset()
     same_chunking = False
     if is_store(target):
         try:
@@ -153,20 +151,25 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
             previous = str(target)
             prev_files = prev.manifest.get("source", {}).get("files", {})
             reuse = prev.manifest.get("model", {}).get("files_sha256") == model["files_sha256"]
+            reusable = frozenset(prev._rows["sha256"]) if reuse else frozenset()
             same_chunking = prev.manifest.get("chunking") == chunking and reuse
-    unreadable = {s.source for s in skipped}
+    # A file that is there but unreadable this time keeps its previous chunks: a failed read loses nothing. That
+    # holds for a file inside a folder that could not be listed (permission denied, a stale mount) too, but not for
+    # a folder left out only because it was already walked through another path. Old chunks are only kept when
+    # they were embedded by these very model files (otherwise their vectors would not fit the rest of the store).
+    unreadable = {s.source for s in skipped if "already walked" not in s.reason}
+    dirs = tuple("" if u in ("", ".") else u + "/" for u in unreadable)
+    kept = [r for r in prev_files if r not in file_sha and (r in unreadable or r.startswith(dirs))] if reuse else []
     if same_chunking:
         to_load = [r for r, sha in file_sha.items() if prev_files.get(r) != sha]
-        unchanged = [r for r, sha in file_sha.items() if prev_files.get(r) == sha]
-        # A file that is there but unreadable this time keeps its previous chunks: a failed read loses nothing.
-        unchanged += [r for r in prev_files if r in unreadable and r not in file_sha]
+        unchanged = [r for r, sha in file_sha.items() if prev_files.get(r) == sha] + kept
     else:
-        to_load, unchanged = sorted(file_sha), []
-    deleted = sorted(r for r in prev_files if r not in file_sha and r not in unreadable) if previous else []
+        to_load, unchanged = sorted(file_sha), kept
+    deleted = sorted(r for r in prev_files if r not in file_sha and r not in kept) if previous else []
     return IngestPlan(project=project, root=root, target=target, model=model, chunking=chunking,
                       python_layout=python_layout, to_load=sorted(to_load), file_sha=file_sha,
                       unchanged=sorted(unchanged), deleted=deleted, skipped=skipped, previous=previous,
-                      reuse_vectors=reuse)
+                      reuse_vectors=reuse, reusable=reusable)
 
 
 def load_and_chunk(root: Path, rels: Sequence[str], embedder: Embedder, settings: ChunkSettings) -> Loaded:
@@ -194,15 +197,14 @@ def embed_texts(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
     return embedder.embed_documents(list(texts), progress=lambda n: _emit("embedded", n))
 
 
-def texts_to_embed(plan: IngestPlan, loaded: Sequence[Loaded]) -> list[str]:
-    """Texts of new chunks that no previous vector covers, deduplicated, in a stable order."""
-    known = _previous_vectors_by_sha(plan)[0] if plan.reuse_vectors else {}
-    seen: dict[str, str] = {}
-    for group in loaded:
-        for c in group.chunks:
-            if c.sha256 not in known and c.sha256 not in seen:
-                seen[c.sha256] = c.text
-    return list(seen.values())
+def texts_to_embed(plan: IngestPlan, group: Loaded, seen: set[str]) -> list[str]:
+    """Texts of `group`'s chunks that neither the previous store nor an earlier group (`seen`, updated) covers."""
+    out = []
+    for c in group.chunks:
+        if c.sha256 not in plan.reusable and c.sha256 not in seen:
+            seen.add(c.sha256)
+            out.append(c.text)
+    return out
 
 
 def _previous_vectors_by_sha(plan: IngestPlan) -> tuple[dict[str, int], Store | None]:
@@ -276,7 +278,8 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
     new_ids = {c.id for c in chunks}
     # Files that failed to load now but were in the previous store keep their chunks (nothing is lost).
     for s in skipped:
-        if s.source in prev_by_source and s.source not in unchanged_sources and s.source not in loaded_sources:
+        if (plan.reuse_vectors and s.source in prev_by_source and s.source not in unchanged_sources
+                and s.source not in loaded_sources):
             for i in prev_by_source[s.source]:
                 if prev_chunks[i].id not in new_ids:
                     chunks.append(prev_chunks[i])
@@ -289,11 +292,12 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
     chunks = [chunks[i] for i in order]
     vectors = np.stack([rows[i] for i in order]) if rows else np.zeros((0, embedder.dim), np.float32)
     summary.count = len(chunks)
-    summary.skipped = [{"source": s.source, "reason": s.reason} for s in skipped]
+    summary.skipped_files = [{"source": s.source, "reason": s.reason} for s in skipped]
     summary.files = {"found": len(plan.file_sha) + len({s.source for s in plan.skipped}),
                      "loaded": len(loaded_sources), "unchanged": len(plan.unchanged), "deleted": len(plan.deleted),
                      "skipped": len({s.source for s in skipped})}
-    changed = summary.added or summary.updated or summary.deleted or prev is None
+    layout_changed = prev is not None and ("langchain-python" in prev.manifest.get("layouts", [])) != plan.python_layout
+    changed = summary.added or summary.updated or summary.deleted or prev is None or layout_changed
     if changed:
         fingerprint = hashlib.sha256(json.dumps(sorted(file_sha.items())).encode()).hexdigest()
         manifest = {
@@ -319,8 +323,9 @@ def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, 
     loaded = [load_and_chunk(plan.root, g, embedder, settings) for g in plan.load_groups()]
     t_chunk = time.perf_counter() - t
     t = time.perf_counter()
-    texts = texts_to_embed(plan, loaded)
-    _emit("total", len(texts))
+    seen: set[str] = set()
+    texts = [x for group in loaded for x in texts_to_embed(plan, group, seen)]
+    _emit("total+", len(texts))
     vectors = [embed_texts(embedder, b) for b in batched(texts, EMBED_TASK_SIZE)]
     t_embed = time.perf_counter() - t
     summary = assemble_and_write(plan, loaded, texts, vectors, embedder)

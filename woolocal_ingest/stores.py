@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from woolocal_ingest.chunking import Chunk
-from woolocal_ingest.errors import DimensionMismatchError, StoreError
+from woolocal_ingest.errors import DimensionMismatchError, StoreError, StoreNotFoundError
 
 if TYPE_CHECKING:
     from woolocal_ingest.embedders.base import Embedder
@@ -73,12 +73,31 @@ def _sha256_file(path: Path) -> str:
 
 
 def _json_safe(text: str) -> str:
-    """Lone surrogates cannot be UTF-8 encoded: replace them (U+FFFD) so every file stays valid UTF-8."""
+    """Lone surrogates cannot be UTF-8 encoded: replace them (U+FFFD) so every file stays valid UTF-8.
+    A well-formed surrogate pair (as JSON written by JavaScript can hold) becomes the character it encodes."""
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _json_safe_value(value: Any) -> Any:
+    """`_json_safe` applied to every string (keys included) in JSON-shaped metadata."""
+    if isinstance(value, str):
+        return _json_safe(value)
+    if isinstance(value, Mapping):
+        return {_json_safe(str(k)) if isinstance(k, str) else k: _json_safe_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe_value(v) for v in value]
+    return value
+
+
+def _safe_chunk(c: Chunk) -> Chunk:
+    """The chunk with every string it writes (id, text, source, metadata) made valid UTF-8."""
+    safe = Chunk(_json_safe(c.id), _json_safe(c.text), _json_safe(c.source), c.chunk, _json_safe_value(c.metadata),
+                 c.sha256)
+    return c if safe == c else safe
 
 
 def _write_docstore(path: Path, chunks: Sequence[Chunk]) -> None:
@@ -198,8 +217,9 @@ def write_store(
     tmp.mkdir()
     previous: Path | None = None
     try:
-        safe = [c if _json_safe(c.text) == c.text else Chunk(c.id, _json_safe(c.text), c.source, c.chunk, c.metadata, c.sha256)
-                for c in chunks]
+        safe = [_safe_chunk(c) for c in chunks]
+        if len({c.id for c in safe}) != len(safe):
+            raise StoreError(f"{target}: duplicate chunk ids once made valid UTF-8 (lone surrogates)")
         index = faiss.IndexFlatL2(dim)
         index.add(vectors)
         faiss.write_index(index, str(tmp / INDEX_JS))
@@ -403,7 +423,7 @@ class Store:
 
 def _read_manifest(path: Path) -> dict:
     if not path.is_dir():
-        raise StoreError(f"{path}: no such store folder")
+        raise StoreNotFoundError(f"{path}: no such store folder")
     mf = path / MANIFEST
     try:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
@@ -446,6 +466,8 @@ def open_store(path_or_name: str | os.PathLike, stores_root: str | os.PathLike |
     p = Path(path_or_name).expanduser()
     if is_store(p):
         return Store(p, embedder=embedder)
+    if p.is_dir() and any((p / n).is_file() for n in (INDEX_JS, INDEX_PY, DOCSTORE_JS, PARQUET)):
+        return Store(p, embedder=embedder)  # a store's files without manifest.json: raises, naming it
     if not p.is_dir():
         if stores_root is None:
             from woolocal_ingest.config import load_config
@@ -457,7 +479,7 @@ def open_store(path_or_name: str | os.PathLike, stores_root: str | os.PathLike |
         if is_store(p):
             return Store(p, embedder=embedder)
     if not p.is_dir():
-        raise StoreError(f"{path_or_name}: no store folder or project of that name (looked in {p.parent})")
+        raise StoreNotFoundError(f"{path_or_name}: no store folder or project of that name (looked in {p.parent})")
     stores = sorted(d for d in p.iterdir() if is_store(d) and not d.name.startswith("."))
     if model is not None:
         from woolocal_ingest.embedders.registry import slugify
@@ -466,7 +488,7 @@ def open_store(path_or_name: str | os.PathLike, stores_root: str | os.PathLike |
     if len(stores) == 1:
         return Store(stores[0], embedder=embedder)
     if not stores:
-        raise StoreError(f"{p}: holds no store" + (f" for model {model!r}" if model else ""))
+        raise StoreNotFoundError(f"{p}: holds no store" + (f" for model {model!r}" if model else ""))
     raise StoreError(f"{p}: holds several stores ({', '.join(d.name for d in stores)}); name one")
 
 
@@ -541,6 +563,15 @@ def verify_store(path: Path, expect_name: str | None = None) -> list[str]:
             problems.append(f"{DOCSTORE_JS}: row→id mapping differs from {PARQUET} ids")
         if set(doc_ids) != set(ids):
             problems.append(f"{DOCSTORE_JS}: documents differ from {PARQUET} ids")
+        else:
+            # Same rows, same content: what LangChain JS returns is what the canonical record holds.
+            by_id = {d[0]: d[1] for d in docs}
+            texts, metas = t.column("text").to_pylist(), t.column("metadata").to_pylist()
+            differ = [i for i, id_ in enumerate(ids)
+                      if by_id[id_].get("pageContent") != texts[i] or by_id[id_].get("metadata") != json.loads(metas[i])]
+            if differ:
+                problems.append(f"{DOCSTORE_JS}: {len(differ)} document(s) differ from {PARQUET} text or metadata "
+                                f"(first: id {ids[differ[0]]})")
     except Exception as e:
         problems.append(f"{DOCSTORE_JS}: unreadable: {e}")
     return problems

@@ -27,9 +27,17 @@ class TokenCounter:
         self._tok.no_truncation()
         self._tok.no_padding()
         self.special_tokens = self._tok.num_special_tokens_to_add(False)
+        self._counts: dict[str, int] = {}
 
     def count(self, text: str) -> int:
-        return len(self._tok.encode(text, add_special_tokens=False).ids)
+        # The recursive splitter measures the same pieces several times: remember recent answers.
+        n = self._counts.get(text)
+        if n is None:
+            n = len(self._tok.encode(text, add_special_tokens=False).ids)
+            if len(self._counts) > 50_000:
+                self._counts.clear()
+            self._counts[text] = n
+        return n
 
     def count_many(self, texts: Sequence[str]) -> list[int]:
         return [len(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -12,9 +12,9 @@ import numpy as np
 from woolocal_ingest.embedders.base import Progress, TokenCounter, l2_normalise
 from woolocal_ingest.embedders.registry import ModelInfo
 
-# Texts handed to one encode() call: large enough for sentence-transformers' own length sorting to pay off,
+# Texts handed to one encode() call (already sorted by length across the whole call here),
 # small enough for the progress bar to move.
-ENCODE_SLICE = 256
+ENCODE_SLICE = 128
 
 
 class SentenceTransformerEmbedder:
@@ -67,19 +67,20 @@ class SentenceTransformerEmbedder:
 
     def embed_documents(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
         texts = [self.info.doc_prefix + t for t in texts]
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        parts = []
-        for start in range(0, len(texts), ENCODE_SLICE):
-            part = self._encode(texts[start : start + ENCODE_SLICE])
-            parts.append(part)
-            if progress:
-                progress(len(part))
-        out = np.concatenate(parts)
-        if out.shape[1] != self.dim:
-            from woolocal_ingest.errors import DimensionMismatchError
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # Longest first across the whole call (as one encode() would), cut into slices so progress moves.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        for start in range(0, len(order), ENCODE_SLICE):
+            idx = order[start : start + ENCODE_SLICE]
+            part = self._encode([texts[i] for i in idx])
+            if part.shape[1] != self.dim:
+                from woolocal_ingest.errors import DimensionMismatchError
 
-            raise DimensionMismatchError(f"model {self.model_name} returned {out.shape[1]} dims, its files say {self.dim}")
+                raise DimensionMismatchError(
+                    f"model {self.model_name} returned {part.shape[1]} dims, its files say {self.dim}")
+            out[idx] = part
+            if progress:
+                progress(len(idx))
         return out
 
     def embed_query(self, text: str) -> np.ndarray:
