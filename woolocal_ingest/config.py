@@ -15,7 +15,7 @@ from woolocal_ingest.errors import ConfigError
 
 CONFIG_FILE = "flows.yaml"
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-Backend = Literal["auto", "sentence-transformers"]
+Backend = Literal["auto", "sentence-transformers", "onnx", "mlx", "openai-compatible"]
 
 
 class _Strict(BaseModel):
@@ -37,6 +37,24 @@ class ChunkingConfig(_Strict):
         return self
 
 
+class EndpointConfig(_Strict):
+    """An OpenAI-compatible embeddings server the user already runs (this project's service, TEI, infinity, Ollama)."""
+
+    urls: list[str] = Field(min_length=1, description="base URLs, e.g. http://127.0.0.1:8001/v1; taken round-robin")
+    model: str | None = Field(default=None, description="model name sent to the server (default: the purpose's)")
+    api_key_env: str | None = Field(default=None, description="environment variable holding the API key")
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=4, ge=0, le=20)
+
+
+class FallbackConfig(_Strict):
+    """What embeds when the configured backend cannot load or fails mid-run (the whole store is then re-embedded)."""
+
+    backend: Literal["sentence-transformers", "onnx", "mlx", "openai-compatible"]
+    model: str | None = None
+    endpoint: EndpointConfig | None = None
+
+
 class PurposeConfig(_Strict):
     """Which model embeds one purpose (Wooster's `projects`, `userProfile`)."""
 
@@ -44,6 +62,37 @@ class PurposeConfig(_Strict):
     backend: Backend = "auto"
     dimensions: int | None = Field(default=None, ge=1, description="expected dim; checked against the model")
     batch_size: int = Field(default=32, ge=1, le=4096)
+    token_budget: int = Field(default=8192, ge=64, le=1_000_000, description="padded tokens per batch")
+    endpoint: EndpointConfig | None = None  # for backend: openai-compatible
+    fallback: FallbackConfig | None = None
+    # Wooster's key: may text leave this machine for a fallback? Off = privacy-first, no connection is attempted
+    # to any endpoint that is not on loopback.
+    fallbackToCloud: bool = False
+
+    @model_validator(mode="after")
+    def _endpoint_when_remote(self) -> "PurposeConfig":
+        if self.backend == "openai-compatible" and self.endpoint is None:
+            raise ValueError("endpoint: required when backend is openai-compatible (urls: [http://...])")
+        if self.fallback and self.fallback.backend == "openai-compatible" and self.fallback.endpoint is None:
+            raise ValueError("fallback.endpoint: required when fallback.backend is openai-compatible")
+        return self
+
+
+class TaskRunnerConfig(_Strict):
+    """Where the flow's tasks run: threads in this process, or a Dask cluster (a LocalCluster when no address)."""
+
+    type: Literal["thread", "dask"] = "thread"
+    address: str | None = Field(default=None, description="tcp://host:port of a running Dask scheduler")
+    workers: int = Field(default=2, ge=1, le=256, description="LocalCluster workers when no address is given")
+    shard_chunks: int = Field(default=2000, ge=1, description="chunks per embedding task on Dask")
+
+
+class CacheConfig(_Strict):
+    """The embedding cache: identical texts are never embedded twice by the same model files."""
+
+    enabled: bool = True
+    path: Path | None = Field(default=None, description="SQLite file (default: <stores_root>/.cache/embeddings.sqlite)")
+    max_mb: int = Field(default=2048, ge=1)
 
 
 class ProjectConfig(_Strict):
@@ -85,6 +134,8 @@ class FlowsConfig(_Strict):
         default_factory=lambda: {"projects": PurposeConfig(), "userProfile": PurposeConfig()}
     )
     projects: list[ProjectConfig] = Field(default_factory=list)
+    task_runner: TaskRunnerConfig = TaskRunnerConfig()
+    cache: CacheConfig = CacheConfig()
     base_dir: Path = Path(".")
 
     @model_validator(mode="after")

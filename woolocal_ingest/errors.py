@@ -37,3 +37,9 @@ class StoreNotFoundError(StoreError):
 
 class DimensionMismatchError(StoreError):
     """Two dimensions that must agree do not (store name, manifest, index, embedder)."""
+
+
+class ModelChangedError(StoreError):
+    """A store would be appended to with model files other than those that embedded it (exit 2: use --rebuild)."""
+
+    exit_code = 2

@@ -19,7 +19,7 @@ import numpy as np
 from woolocal_ingest.chunking import CHUNKER_VERSION, Chunk, ChunkSettings, chunk_document, effective_settings
 from woolocal_ingest.documents import Skipped, discover, parse, read_source
 from woolocal_ingest.embedders.base import Embedder
-from woolocal_ingest.errors import DocumentError, StoreError, WoolocalError
+from woolocal_ingest.errors import DocumentError, ModelChangedError, StoreError, WoolocalError
 from woolocal_ingest.stores import Store, is_store, store_dir, write_store
 
 EMBED_TASK_SIZE = 512  # chunks per embedding task: coarse, so per-task orchestration cost hides under the model
@@ -94,6 +94,7 @@ class IngestSummary:
     model: str
     backend: str
     dim: int
+    backend_reason: str = ""
     count: int = 0
     added: int = 0
     updated: int = 0
@@ -118,8 +119,13 @@ def _model_manifest(embedder: Embedder) -> dict:
 
 
 def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
-                include: Sequence[str], exclude: Sequence[str], python_layout: bool = False) -> IngestPlan:
-    """Discover and hash the project's files and compare them with the previous store's record."""
+                include: Sequence[str], exclude: Sequence[str], python_layout: bool = False,
+                rebuild: bool = False) -> IngestPlan:
+    """Discover and hash the project's files and compare them with the previous store's record.
+
+    A previous store embedded by other model files (same name and dim, changed weights or tokenizer) is refused
+    with ModelChangedError unless `rebuild` asks to re-embed everything: a store never mixes two models.
+    """
     root = Path(root).resolve()
     if not root.is_dir():
         raise WoolocalError(f"{root}: project folder not found")
@@ -151,6 +157,11 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
             previous = str(target)
             prev_files = prev.manifest.get("source", {}).get("files", {})
             reuse = prev.manifest.get("model", {}).get("files_sha256") == model["files_sha256"]
+            if not reuse and not rebuild:
+                raise ModelChangedError(
+                    f"{target}: was embedded by model files sha256 {prev.manifest.get('model', {}).get('files_sha256')}"
+                    f" but {embedder.model_name} at {embedder.info.path} now hashes to {model['files_sha256']}; "
+                    "refusing to append with a changed model. Re-embed the whole store with --rebuild.")
             reusable = frozenset(prev._rows["sha256"]) if reuse else frozenset()
             same_chunking = prev.manifest.get("chunking") == chunking and reuse
     # A file that is there but unreadable this time keeps its previous chunks: a failed read loses nothing. That
@@ -221,8 +232,9 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
                        new_vectors: Sequence[np.ndarray], embedder: Embedder) -> IngestSummary:
     """Combine kept rows, reused and new vectors into the next version of the store and write it atomically."""
     t0 = time.perf_counter()
+    choice = getattr(embedder, "choice", None)
     summary = IngestSummary(project=plan.project, store=str(plan.target), model=embedder.model_name,
-                            backend=embedder.backend, dim=embedder.dim)
+                            backend=embedder.backend, dim=embedder.dim, backend_reason=choice.reason if choice else "")
     by_sha, prev = _previous_vectors_by_sha(plan)
     prev_vectors = prev.vectors() if prev is not None else np.zeros((0, embedder.dim), np.float32)
     prev_chunks = prev.chunks() if prev is not None else []
@@ -314,10 +326,11 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
 
 
 def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
-               include: Sequence[str], exclude: Sequence[str], python_layout: bool = False) -> IngestSummary:
+               include: Sequence[str], exclude: Sequence[str], python_layout: bool = False,
+               rebuild: bool = False) -> IngestSummary:
     """The whole ingest in this process, without Prefect: the same steps the flow runs as tasks."""
     t = time.perf_counter()
-    plan = plan_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout)
+    plan = plan_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, rebuild)
     t_plan = time.perf_counter() - t
     t = time.perf_counter()
     loaded = [load_and_chunk(plan.root, g, embedder, settings) for g in plan.load_groups()]

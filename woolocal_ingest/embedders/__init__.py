@@ -1,25 +1,114 @@
-"""Embedding backends behind one interface, and the offline model registry that feeds them."""
+"""Embedding backends behind one interface, the router that picks one, and the offline model registry."""
 
 from __future__ import annotations
 
-from woolocal_ingest.embedders.base import Embedder, TokenCounter, l2_normalise
-from woolocal_ingest.embedders.registry import ModelInfo, available_models, read_model_info, resolve_model, slugify
+import platform
+import sys
+from dataclasses import dataclass
+
+from woolocal_ingest.embedders.base import Embedder, TokenCounter, TransformerEmbedder, l2_normalise
+from woolocal_ingest.embedders.registry import (
+    ModelInfo, available_models, pull_model, read_model_info, register_model, resolve_model, slugify,
+)
 from woolocal_ingest.errors import ConfigError
 
-BACKENDS = ("auto", "sentence-transformers")
+BACKENDS = ("auto", "sentence-transformers", "onnx", "mlx", "openai-compatible")
+LOCAL_BACKENDS = ("sentence-transformers", "onnx", "mlx")
+# Architectures torch.onnx.export handles through transformers' AutoModel here (BERT family, MPNet, XLM-R...).
+ONNX_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "camembert"}
+# Default local backend on CPUs without Metal, from bench/README.md (engine benchmark): see DEFAULT_CPU_REASON.
+DEFAULT_CPU_BACKEND = "sentence-transformers"
+DEFAULT_CPU_REASON = "sentence-transformers on torch is the CPU default"
 
 
-def load_embedder(model: str | None = None, backend: str = "auto", batch_size: int = 32) -> Embedder:
-    """An embedder for `model` (a name or folder; None = the default) on `backend`."""
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend runs a model, and why (the CLI says it when `auto` chose)."""
+
+    backend: str
+    reason: str
+
+
+def _apple_metal() -> bool:
+    if sys.platform != "darwin" or platform.machine() != "arm64":
+        return False
+    try:
+        from woolocal_ingest.embedders.mlx import metal_available
+
+        return metal_available()
+    except ImportError:
+        return False
+
+
+def _onnx_ok(info: ModelInfo) -> bool:
+    try:
+        from woolocal_ingest.embedders.onnx import onnx_available
+    except ImportError:
+        return False
+    return onnx_available() and info.model_type in ONNX_MODEL_TYPES
+
+
+def _mlx_ok(info: ModelInfo) -> bool:
+    try:
+        from woolocal_ingest.embedders.mlx import mlx_available, mlx_supports
+    except ImportError:
+        return False
+    return mlx_available() and mlx_supports(info)
+
+
+def backends_for(info: ModelInfo) -> list[str]:
+    """The local backends that can run this model on this machine."""
+    out = ["sentence-transformers"]
+    if _onnx_ok(info):
+        out.append("onnx")
+    if _mlx_ok(info):
+        out.append("mlx")
+    return out
+
+
+def pick_backend(info: ModelInfo, requested: str = "auto") -> BackendChoice:
+    """Resolve `auto`: MLX on Apple Silicon with Metal (when mlx-embeddings has the architecture), else the
+    measured CPU default. An explicit backend is returned as asked (its own loader refuses what it cannot run)."""
+    if requested not in BACKENDS:
+        raise ConfigError(f"backend {requested!r} is not one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return BackendChoice(requested, "configured")
+    if _apple_metal():
+        if _mlx_ok(info):
+            return BackendChoice("mlx", "Apple Silicon with Metal")
+        return BackendChoice("sentence-transformers",
+                             f"mlx-embeddings cannot run model type {info.model_type!r}: routed to sentence-transformers")
+    if DEFAULT_CPU_BACKEND == "onnx" and _onnx_ok(info):
+        return BackendChoice("onnx", DEFAULT_CPU_REASON)
+    return BackendChoice("sentence-transformers", "no Metal here: " + DEFAULT_CPU_REASON)
+
+
+def load_embedder(model: str | None = None, backend: str = "auto", batch_size: int = 32,
+                  token_budget: int | None = None) -> Embedder:
+    """A local embedder for `model` (a name or folder; None = the default) on `backend` (`auto` picks)."""
     info = resolve_model(model)
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    from woolocal_ingest.embedders.sentence_transformers import SentenceTransformerEmbedder
+    choice = pick_backend(info, backend)
+    if choice.backend == "openai-compatible":
+        raise ConfigError("backend openai-compatible needs an endpoint: use embedder_for_purpose() with flows.yaml")
+    emb: Embedder
+    if choice.backend == "onnx":
+        from woolocal_ingest.embedders.onnx import OnnxEmbedder
 
-    return SentenceTransformerEmbedder(info, batch_size=batch_size)
+        emb = OnnxEmbedder(info, token_budget=token_budget, max_batch=batch_size)
+    elif choice.backend == "mlx":
+        from woolocal_ingest.embedders.mlx import MLXEmbedder
+
+        emb = MLXEmbedder(info, token_budget=token_budget, max_batch=batch_size)
+    else:
+        from woolocal_ingest.embedders.sentence_transformers import SentenceTransformerEmbedder
+
+        emb = SentenceTransformerEmbedder(info, batch_size=batch_size, token_budget=token_budget)
+    emb.choice = choice  # type: ignore[attr-defined]
+    return emb
 
 
 __all__ = [
-    "BACKENDS", "Embedder", "ModelInfo", "TokenCounter", "available_models", "l2_normalise", "load_embedder",
-    "read_model_info", "resolve_model", "slugify",
+    "BACKENDS", "BackendChoice", "Embedder", "LOCAL_BACKENDS", "ModelInfo", "TokenCounter", "TransformerEmbedder",
+    "available_models", "backends_for", "l2_normalise", "load_embedder", "pick_backend", "pull_model",
+    "read_model_info", "register_model", "resolve_model", "slugify",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -88,3 +89,99 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """Sentence vectors from token states [b, s, h] as the model's pooling config says (mean, cls, max, lasttoken)."""
+    if mode == "cls":
+        return hidden[:, 0]
+    m = mask[..., None].astype(hidden.dtype)
+    if mode == "mean":
+        return (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+    if mode == "max":
+        return np.where(m > 0, hidden, -1e9).max(axis=1)
+    if mode == "lasttoken":
+        last = mask.sum(axis=1).astype(int) - 1
+        return hidden[np.arange(hidden.shape[0]), last]
+    raise ValueError(f"pooling mode {mode!r} is not supported (mean, cls, max, lasttoken)")
+
+
+class TransformerEmbedder:
+    """Shared machinery for backends that run the bare transformer and pool themselves (ONNX Runtime, MLX):
+    tokenise with the model's own tokenizer (truncation at max_tokens), token-budget batches, pooling from the
+    model's config, L2 normalisation, results in input order. Subclasses implement `_forward`."""
+
+    backend = "transformer"
+
+    def __init__(self, info: ModelInfo, token_budget: int | None = None, max_batch: int | None = None):
+        from woolocal_ingest.embedders.batching import DEFAULT_MAX_BATCH, DEFAULT_TOKEN_BUDGET
+
+        self.info = info
+        self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET
+        self.max_batch = max_batch or DEFAULT_MAX_BATCH
+        self.last_plan = None  # BatchPlan of the last embed_documents call (padding waste)
+
+    @property
+    def model_name(self) -> str:
+        return self.info.name
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    @property
+    def max_tokens(self) -> int:
+        return self.info.max_tokens
+
+    @cached_property
+    def tokens(self) -> TokenCounter:
+        return TokenCounter(self.info)
+
+    @cached_property
+    def _tokenizer(self):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.tokens._tok.to_str())
+        tok.no_padding()
+        tok.enable_truncation(max_length=self.max_tokens)
+        return tok
+
+    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        """Last hidden states, float32 [batch, seq, hidden]."""
+        raise NotImplementedError
+
+    def _embed(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        from woolocal_ingest.embedders.batching import token_budget_batches
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        enc = self._tokenizer.encode_batch(list(texts))
+        plan = token_budget_batches([len(e.ids) for e in enc], self.token_budget, self.max_batch)
+        self.last_plan = plan
+        for batch in plan.batches:
+            seq = max(len(enc[i].ids) for i in batch)
+            ids = np.zeros((len(batch), seq), dtype=np.int64)
+            mask = np.zeros((len(batch), seq), dtype=np.int64)
+            types = np.zeros((len(batch), seq), dtype=np.int64)
+            for row, i in enumerate(batch):
+                e = enc[i]
+                n = len(e.ids)
+                ids[row, :n], mask[row, :n], types[row, :n] = e.ids, e.attention_mask, e.type_ids
+            hidden = np.asarray(self._forward(ids, mask, types), dtype=np.float32)
+            vecs = pool(hidden, mask, self.info.pooling)
+            if vecs.shape[1] != self.dim:
+                from woolocal_ingest.errors import DimensionMismatchError
+
+                raise DimensionMismatchError(
+                    f"model {self.model_name} on {self.backend} returned {vecs.shape[1]} dims, its files say {self.dim}")
+            out[batch] = l2_normalise(vecs)
+            if progress:
+                progress(len(batch))
+        return out
+
+    def embed_documents(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        return self._embed([self.info.doc_prefix + t for t in texts], progress)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self._embed([self.info.query_prefix + text])[0]

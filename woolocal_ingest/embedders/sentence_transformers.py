@@ -12,20 +12,20 @@ import numpy as np
 from woolocal_ingest.embedders.base import Progress, TokenCounter, l2_normalise
 from woolocal_ingest.embedders.registry import ModelInfo
 
-# Texts handed to one encode() call (already sorted by length across the whole call here),
-# small enough for the progress bar to move.
-ENCODE_SLICE = 128
-
 
 class SentenceTransformerEmbedder:
     """Embeds with a local sentence-transformers folder; never reaches a hub."""
 
     backend = "sentence-transformers"
 
-    def __init__(self, info: ModelInfo, batch_size: int = 32, device: str = "cpu"):
+    def __init__(self, info: ModelInfo, batch_size: int = 32, device: str = "cpu", token_budget: int | None = None):
+        from woolocal_ingest.embedders.batching import DEFAULT_TOKEN_BUDGET
+
         self.info = info
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # the most texts in one forward pass
+        self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET
         self.device = device
+        self.last_plan = None  # BatchPlan of the last embed_documents call (padding waste)
         self._lock = threading.Lock()
 
     @property
@@ -57,22 +57,27 @@ class SentenceTransformerEmbedder:
         model.max_seq_length = self.info.max_tokens
         return model
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
+    def _encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         with self._lock:  # one torch forward at a time: it already uses every core
             out = self.model.encode(
-                texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                texts, batch_size=batch_size or self.batch_size, convert_to_numpy=True, normalize_embeddings=True,
                 show_progress_bar=False,
             )
         return l2_normalise(out)
 
     def embed_documents(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        from woolocal_ingest.embedders.batching import token_budget_batches
+
         texts = [self.info.doc_prefix + t for t in texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        # Longest first across the whole call (as one encode() would), cut into slices so progress moves.
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        for start in range(0, len(order), ENCODE_SLICE):
-            idx = order[start : start + ENCODE_SLICE]
-            part = self._encode([texts[i] for i in idx])
+        if not texts:
+            return out
+        # Sorted by token length, cut by padded tokens: short and long chunks do not pad each other.
+        lengths = [min(n + self.tokens.special_tokens, self.max_tokens) for n in self.tokens.count_many(texts)]
+        plan = token_budget_batches(lengths, self.token_budget, self.batch_size)
+        self.last_plan = plan
+        for idx in plan.batches:
+            part = self._encode([texts[i] for i in idx], batch_size=len(idx))
             if part.shape[1] != self.dim:
                 from woolocal_ingest.errors import DimensionMismatchError
 
