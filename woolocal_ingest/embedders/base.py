@@ -119,6 +119,7 @@ class TransformerEmbedder:
         self.info = info
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET
         self.max_batch = max_batch or DEFAULT_MAX_BATCH
+        self.batching = "token-budget"  # or "fixed": max_batch texts in input order (the benchmark's baseline)
         self.last_plan = None  # BatchPlan of the last embed_documents call (padding waste)
 
     @property
@@ -151,13 +152,15 @@ class TransformerEmbedder:
         raise NotImplementedError
 
     def _embed(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
-        from woolocal_ingest.embedders.batching import token_budget_batches
+        from woolocal_ingest.embedders.batching import fixed_batches, token_budget_batches
 
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
         enc = self._tokenizer.encode_batch(list(texts))
-        plan = token_budget_batches([len(e.ids) for e in enc], self.token_budget, self.max_batch)
+        lengths = [len(e.ids) for e in enc]
+        plan = (fixed_batches(lengths, self.max_batch) if self.batching == "fixed"
+                else token_budget_batches(lengths, self.token_budget, self.max_batch))
         self.last_plan = plan
         for batch in plan.batches:
             seq = max(len(enc[i].ids) for i in batch)

@@ -25,6 +25,7 @@ class SentenceTransformerEmbedder:
         self.batch_size = batch_size  # the most texts in one forward pass
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET
         self.device = device
+        self.batching = "token-budget"  # or "fixed": batch_size texts in input order (the benchmark's baseline)
         self.last_plan = None  # BatchPlan of the last embed_documents call (padding waste)
         self._lock = threading.Lock()
 
@@ -66,7 +67,7 @@ class SentenceTransformerEmbedder:
         return l2_normalise(out)
 
     def embed_documents(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
-        from woolocal_ingest.embedders.batching import token_budget_batches
+        from woolocal_ingest.embedders.batching import fixed_batches, token_budget_batches
 
         texts = [self.info.doc_prefix + t for t in texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -74,7 +75,8 @@ class SentenceTransformerEmbedder:
             return out
         # Sorted by token length, cut by padded tokens: short and long chunks do not pad each other.
         lengths = [min(n + self.tokens.special_tokens, self.max_tokens) for n in self.tokens.count_many(texts)]
-        plan = token_budget_batches(lengths, self.token_budget, self.batch_size)
+        plan = (fixed_batches(lengths, self.batch_size) if self.batching == "fixed"
+                else token_budget_batches(lengths, self.token_budget, self.batch_size))
         self.last_plan = plan
         for idx in plan.batches:
             part = self._encode([texts[i] for i in idx], batch_size=len(idx))
