@@ -119,6 +119,9 @@ def model_key(embedder: Any) -> str:
         "doc_prefix": info.doc_prefix,
         "max_tokens": int(info.max_tokens),
     }
+    quant = None if isinstance(embedder, ModelInfo) else getattr(embedder, "quantization", None)
+    if quant:  # quantized weights give other vectors (4-bit MiniLM: cosine ~0.97 to float)
+        ident["quantization"] = str(quant)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     return f"{info.slug}-{info.dim}d-{digest[:16]}"
 

@@ -111,6 +111,8 @@ def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no
             project=proj.name, root=str(cfg.project_root(proj)),
             stores_root=str(Path(stores).resolve() if stores else cfg.stores_root(proj)),
             model=model or purpose.model, backend=backend or purpose.backend, batch_size=purpose.batch_size,
+            purpose=purpose.model_dump(mode="json"), purpose_name=proj.purpose, model_override=model,
+            backend_override=backend,
             chunk_tokens=cfg.chunking(proj).chunk_tokens, overlap_tokens=cfg.chunking(proj).overlap_tokens,
             include=list(proj.include), exclude=list(proj.exclude),
             python_layout=cfg.python_layout(proj) if python_layout is None else python_layout,
@@ -156,13 +158,21 @@ def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no
 
 def _run_local(params: dict) -> dict:
     from woolocal_ingest.chunking import ChunkSettings
-    from woolocal_ingest.embedders import load_embedder
     from woolocal_ingest.ingest import run_ingest
 
-    emb = load_embedder(params["model"], backend=params["backend"], batch_size=params["batch_size"])
+    emb = _purpose_embedder(params)
     return run_ingest(params["project"], Path(params["root"]), Path(params["stores_root"]), emb,
                       ChunkSettings(params["chunk_tokens"], params["overlap_tokens"]), params["include"],
                       params["exclude"], params["python_layout"], params.get("rebuild", False)).to_dict()
+
+
+def _purpose_embedder(params: dict):
+    from woolocal_ingest.config import PurposeConfig
+    from woolocal_ingest.embedders import embedder_for
+
+    purpose = PurposeConfig(**params["purpose"])
+    return embedder_for(purpose, params["purpose_name"], model=params["model_override"],
+                        backend=params["backend_override"])
 
 
 def _run_flow(params: dict, base_dir: Path, verbose: bool) -> dict:

@@ -115,7 +115,9 @@ class IngestSummary:
 
 def _model_manifest(embedder: Embedder) -> dict:
     info = embedder.info
-    return {**info.to_manifest(), "backend": embedder.backend, "files_sha256": info.files_sha256()}
+    quant = getattr(embedder, "quantization", None)
+    return {**info.to_manifest(), "backend": embedder.backend, "files_sha256": info.files_sha256(),
+            "quantization": str(quant) if quant else None}
 
 
 def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
@@ -156,11 +158,14 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
         if prev is not None:
             previous = str(target)
             prev_files = prev.manifest.get("source", {}).get("files", {})
-            reuse = prev.manifest.get("model", {}).get("files_sha256") == model["files_sha256"]
+            prev_model = prev.manifest.get("model", {})
+            reuse = (prev_model.get("files_sha256"), prev_model.get("quantization")) == (
+                model["files_sha256"], model["quantization"])
             if not reuse and not rebuild:
                 raise ModelChangedError(
-                    f"{target}: was embedded by model files sha256 {prev.manifest.get('model', {}).get('files_sha256')}"
-                    f" but {embedder.model_name} at {embedder.info.path} now hashes to {model['files_sha256']}; "
+                    f"{target}: was embedded by model files sha256 {prev_model.get('files_sha256')} (quantization "
+                    f"{prev_model.get('quantization')}) but {embedder.model_name} at {embedder.info.path} is now "
+                    f"{model['files_sha256']} (quantization {model['quantization']}); "
                     "refusing to append with a changed model. Re-embed the whole store with --rebuild.")
             reusable = frozenset(prev._rows["sha256"]) if reuse else frozenset()
             same_chunking = prev.manifest.get("chunking") == chunking and reuse
@@ -328,7 +333,14 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
 def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
                include: Sequence[str], exclude: Sequence[str], python_layout: bool = False,
                rebuild: bool = False) -> IngestSummary:
-    """The whole ingest in this process, without Prefect: the same steps the flow runs as tasks."""
+    """The whole ingest in this process, without Prefect: the same steps the flow runs as tasks.
+
+    With a FallbackEmbedder, a switch to the fallback mid-run re-embeds everything with it (into the fallback
+    model's own store): a store never mixes two models.
+    """
+    if hasattr(embedder, "ensure_ready"):
+        embedder.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
+    generation = getattr(embedder, "generation", 0)
     t = time.perf_counter()
     plan = plan_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, rebuild)
     t_plan = time.perf_counter() - t
@@ -341,6 +353,8 @@ def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, 
     _emit("total+", len(texts))
     vectors = [embed_texts(embedder, b) for b in batched(texts, EMBED_TASK_SIZE)]
     t_embed = time.perf_counter() - t
+    if getattr(embedder, "generation", 0) != generation:
+        return run_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, True)
     summary = assemble_and_write(plan, loaded, texts, vectors, embedder)
     summary.timings.update(plan=round(t_plan, 3), load_chunk=round(t_chunk, 3), embed=round(t_embed, 3))
     return summary

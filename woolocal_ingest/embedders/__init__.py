@@ -107,8 +107,22 @@ def load_embedder(model: str | None = None, backend: str = "auto", batch_size: i
     return emb
 
 
+def embedder_for(purpose, name: str = "projects", model: str | None = None, backend: str | None = None) -> Embedder:
+    """The embedder a purpose of flows.yaml configures (its backend, endpoint and fallback); an explicit `model` or
+    `backend` (CLI flags) overrides it with a plain local embedder."""
+    if model is not None or backend is not None:
+        return load_embedder(model or purpose.model, backend=backend or purpose.backend,
+                             batch_size=purpose.batch_size, token_budget=purpose.token_budget)
+    from woolocal_ingest.embedders.fallback import embedder_for_purpose
+
+    def load_local(m, b, p):
+        return load_embedder(m, backend=b, batch_size=p.batch_size, token_budget=p.token_budget)
+
+    return embedder_for_purpose(purpose, name, load_local=load_local)
+
+
 __all__ = [
     "BACKENDS", "BackendChoice", "Embedder", "LOCAL_BACKENDS", "ModelInfo", "TokenCounter", "TransformerEmbedder",
-    "available_models", "backends_for", "l2_normalise", "load_embedder", "pick_backend", "pull_model",
+    "available_models", "backends_for", "embedder_for", "l2_normalise", "load_embedder", "pick_backend", "pull_model",
     "read_model_info", "register_model", "resolve_model", "slugify",
 ]
