@@ -117,8 +117,12 @@ BAD = [
     pytest.param("defaults:\n  chunking: {chunk_tokens: 100, overlap_tokens: 100}\n",
                  ["defaults.chunking", "overlap_tokens", "smaller than chunk_tokens"], id="overlap-too-big"),
     pytest.param("defaults:\n  chunk_size: 300\n", ["defaults.chunk_size", "unknown key"], id="unknown-key"),
-    pytest.param("purposes:\n  projects:\n    backend: mlx\n",
-                 ["purposes.projects.backend", "'auto' or 'sentence-transformers'", "'mlx'"], id="bad-backend"),
+    pytest.param("purposes:\n  projects:\n    backend: tensorflow\n",
+                 ["purposes.projects.backend", "'auto', 'sentence-transformers', 'onnx', 'mlx' or 'openai-compatible'",
+                  "'tensorflow'"], id="bad-backend"),
+    pytest.param("purposes:\n  projects:\n    backend: openai-compatible\n",
+                 ["purposes.projects", "endpoint: required"], id="remote-without-endpoint"),
+    pytest.param("task_runner:\n  type: ray\n", ["task_runner.type", "'thread' or 'dask'", "'ray'"], id="bad-runner"),
     pytest.param("purposes:\n  projects: {dimensions: 0}\n",
                  ["purposes.projects.dimensions", "greater than or equal to 1"], id="bad-dim"),
     pytest.param("projects:\n  - name: a\n    path: x\n  - name: b\n", ["projects[1].path", "required"],
@@ -153,7 +157,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
           chunking: {chunk_tokens: lots}
           stores_rot: x
         purposes:
-          projects: {backend: mlx}
+          projects: {backend: cuda}
         """))
     for path in ("defaults.chunking.chunk_tokens", "defaults.stores_rot", "purposes.projects.backend"):
         assert path in msg

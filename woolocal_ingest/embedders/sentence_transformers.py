@@ -27,6 +27,7 @@ class SentenceTransformerEmbedder:
         self.device = device
         self.batching = "token-budget"  # or "fixed": batch_size texts in input order (the benchmark's baseline)
         self.last_plan = None  # BatchPlan of the last embed_documents call (padding waste)
+        self.real_tokens = self.padded_tokens = 0  # over every call: padding waste of this embedder's work
         self._lock = threading.Lock()
 
     @property
@@ -78,6 +79,8 @@ class SentenceTransformerEmbedder:
         plan = (fixed_batches(lengths, self.batch_size) if self.batching == "fixed"
                 else token_budget_batches(lengths, self.token_budget, self.batch_size))
         self.last_plan = plan
+        self.real_tokens += plan.real_tokens
+        self.padded_tokens += plan.padded_tokens
         for idx in plan.batches:
             part = self._encode([texts[i] for i in idx], batch_size=len(idx))
             if part.shape[1] != self.dim:
