@@ -1,0 +1,273 @@
+"""ONNX Runtime backend (CPU): the model's transformer exported once to ONNX, cached next to the model.
+
+The export (torch's TorchScript-based exporter, `dynamo=False`: it needs only the `onnx` package, not onnxscript)
+takes the folder's transformer (`AutoModel`, eval, float32, eager attention) with dynamic batch and sequence axes and one output,
+`last_hidden_state`. Tokenising, token-budget batches, pooling, normalisation and input order come from
+`TransformerEmbedder`.
+
+Cache: `<model folder>/.onnx-cache/<sha16>/model.onnx`, where sha16 = `ModelInfo.files_sha256()[:16]`; when the model
+folder cannot be written (site-packages owned by another user, a read-only mount), `$XDG_CACHE_HOME/woolocal/onnx/
+<sha16>/model.onnx` (default `~/.cache`). The export is written to a temp file in the same folder, fsynced and
+renamed into place, under an exclusive lock on `<sha16>/.lock`: a killed export leaves at most a temp file (never
+read, removed by the next exporter), and a second process waits for the first and then loads its file. A cached
+file that ONNX Runtime cannot load is exported again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import secrets
+import threading
+import warnings
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from woolocal_ingest.embedders.base import TransformerEmbedder
+from woolocal_ingest.embedders.registry import ModelInfo
+
+log = logging.getLogger(__name__)
+
+CACHE_DIRNAME = ".onnx-cache"
+MODEL_FILENAME = "model.onnx"
+OPSET = 17  # LayerNormalization is a native op from 17 on: ORT fuses it
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAME = "last_hidden_state"
+TMP_SUFFIX = ".tmp"
+
+
+@lru_cache(maxsize=1)
+def onnx_available() -> bool:
+    """True when this machine can run this backend: onnxruntime with its CPU provider, and torch + onnx to export."""
+    import importlib.util
+
+    try:
+        import onnxruntime as ort
+
+        if "CPUExecutionProvider" not in ort.get_available_providers():
+            return False
+    except Exception:
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "onnx", "transformers"))
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (affinity / cgroup cpusets respected where the OS says)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def xdg_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "woolocal" / "onnx"
+
+
+def dir_writable(path: Path) -> bool:
+    """Whether `path` (or, if it does not exist yet, its nearest existing parent) can be written by this process."""
+    p = Path(path)
+    while not p.exists():
+        if p.parent == p:
+            return False
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+
+
+def cache_dirs(info: ModelInfo) -> list[Path]:
+    """Where an export of this model may live, in the order they are tried: next to the model, then the XDG cache."""
+    key = info.files_sha256()[:16]
+    return [Path(info.path) / CACHE_DIRNAME / key, xdg_cache_root() / key]
+
+
+def export_onnx(model_dir: Path, dest: Path, opset: int = OPSET) -> list[str]:
+    """Export the folder's transformer to `dest` (written in place: callers give a temp path). Returns input names."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+    import transformers
+    from transformers import AutoModel
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:  # plain attention ops: ORT fuses them better than the SDPA graph (about 10% less CPU for MiniLM here)
+        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager")
+    except (ValueError, TypeError):
+        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    model = model.float().eval()
+    params = inspect.signature(model.forward).parameters
+    names = [n for n in INPUT_NAMES if n in params]
+    if "input_ids" not in names or "attention_mask" not in names:
+        raise RuntimeError(f"{model_dir}: {type(model).__name__}.forward takes no input_ids/attention_mask")
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            out = self.inner(**dict(zip(names, args)))
+            return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    # A dummy batch with padding in it, so that no "mask is all ones" shortcut is traced into the graph.
+    seq = 16
+    ids = torch.full((2, seq), 101, dtype=torch.long)
+    mask = torch.ones((2, seq), dtype=torch.long)
+    mask[1, seq // 2 :] = 0
+    ids = ids * mask
+    dummy = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    axes = {n: {0: "batch", 1: "sequence"} for n in [*names, OUTPUT_NAME]}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            LastHidden(model), tuple(dummy[n] for n in names), str(dest), input_names=names,
+            output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
+            dynamo=False,
+        )
+    return names
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive lock on `folder/.lock` (no-op where fcntl is missing); yields whether it is held."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the atomic rename still keeps a half file out of model.onnx
+        yield False
+        return
+    with open(folder / ".lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_export_atomically(model_dir: Path, folder: Path, exporter=export_onnx) -> Path:
+    """Export into a temp file in `folder`, fsync it, rename it to `folder/model.onnx`. Returns the final path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / MODEL_FILENAME
+    tmp = folder / f".{MODEL_FILENAME}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    try:
+        exporter(model_dir, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_dir(folder)
+    return final
+
+
+class OnnxEmbedder(TransformerEmbedder):
+    """Embeds with ONNX Runtime on the CPU, from an ONNX export of a local sentence-transformers folder."""
+
+    backend = "onnx"
+
+    def __init__(self, info: ModelInfo, token_budget: int | None = None, max_batch: int | None = None,
+                 threads: int | None = None, writable=None, exporter=None):
+        """`threads`: intra-op threads (default: the cores this process may use). `writable(path) -> bool` and
+        `exporter(model_dir, dest)` replace `dir_writable` and `export_onnx` (tests, tools)."""
+        super().__init__(info, token_budget=token_budget, max_batch=max_batch)
+        self.threads = threads or available_cores()
+        self._writable = writable or dir_writable
+        self._exporter = exporter or export_onnx
+        self._init_lock = threading.Lock()
+        self.exported = False  # whether this instance ran the export (False: it loaded a cached one)
+        self.onnx_path: Path | None = None
+        self._session = None
+
+    # -- session -------------------------------------------------------------------------------------------------
+
+    def _new_session(self, path: Path):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+    def _try_load(self, path: Path):
+        if not path.is_file():
+            return None
+        try:
+            return self._new_session(path)
+        except Exception as e:  # truncated / corrupt protobuf, wrong graph: not usable
+            log.warning("cached ONNX export %s cannot be loaded (%s): exporting again", path, str(e).splitlines()[0])
+            return None
+
+    def _load_or_export(self):
+        dirs = cache_dirs(self.info)
+        for d in dirs:  # an export already there (the model folder may be read-only and still ship one)
+            sess = self._try_load(d / MODEL_FILENAME)
+            if sess is not None:
+                self.onnx_path = d / MODEL_FILENAME
+                return sess
+        errors = []
+        for d in dirs:
+            if not self._writable(d):
+                errors.append(f"{d}: not writable")
+                continue
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                with _locked(d) as held:
+                    sess = self._try_load(d / MODEL_FILENAME)  # another process may have finished meanwhile
+                    if sess is None:
+                        if held:  # under the lock, temp files are leftovers of killed exports
+                            for stale in d.glob(f".{MODEL_FILENAME}.*{TMP_SUFFIX}"):
+                                with contextlib.suppress(OSError):
+                                    stale.unlink()
+                        log.info("exporting %s to ONNX in %s", self.info.name, d)
+                        path = write_export_atomically(self.info.path, d, self._exporter)
+                        self.exported = True
+                        sess = self._new_session(path)
+            except OSError as e:  # read-only mount, permissions the check could not see, disk full
+                errors.append(f"{d}: {e}")
+                continue
+            self.onnx_path = d / MODEL_FILENAME
+            return sess
+        raise OSError(f"no writable ONNX cache for {self.info.name}: " + "; ".join(errors))
+
+    @property
+    def session(self):
+        """The ONNX Runtime session (exported or found on first use; one export per instance, thread-safe)."""
+        if self._session is None:
+            with self._init_lock:
+                if self._session is None:
+                    self._session = self._load_or_export()
+        return self._session
+
+    @cached_property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def load(self) -> "OnnxEmbedder":
+        """Export (or find) and load the model now rather than on the first embed."""
+        _ = self.input_names
+        return self
+
+    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        feed = {n: np.ascontiguousarray(given[n], dtype=np.int64) for n in self.input_names}
+        return self.session.run([OUTPUT_NAME], feed)[0]
