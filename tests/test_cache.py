@@ -423,3 +423,30 @@ def test_cached_embedder_helper_and_pickling(embedder, tmp_path):
     c2 = pickle.loads(pickle.dumps(ce.cache))  # a Dask worker gets the path, not the connection
     assert len(c2.get_many(ce.key, [text_sha256(t) for t in TEXTS[:2]])) == 2
     c2.close()
+
+
+def test_cache_cli_stats_and_prune(tmp_path, monkeypatch):
+    """`woolocal cache stats|prune --json` report the file's real rows; an unknown --model is bad input (exit 2)."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from woolocal_ingest.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "emb.sqlite"
+    c = EmbeddingCache(path)
+    rng = np.random.default_rng(0)
+    c.put_many("m-a", {f"{i:064x}": rng.random(8, dtype=np.float32) for i in range(5)}, name="model-a")
+    c.put_many("m-b", {f"{i:064x}": rng.random(8, dtype=np.float32) for i in range(3)}, name="model-b")
+    c.close()
+    run = CliRunner().invoke
+    r = run(main, ["cache", "stats", "--path", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    s = _json.loads(r.stdout)
+    assert s["rows"] == 8 and {k: v["rows"] for k, v in s["models"].items()} == {"m-a": 5, "m-b": 3}
+    r = run(main, ["cache", "prune", "--path", str(path), "--model", "m-a", "--json"])
+    assert r.exit_code == 0, r.output
+    assert _json.loads(r.stdout)["removed"] == 5 and _json.loads(r.stdout)["rows"] == 3
+    r = run(main, ["cache", "prune", "--path", str(path), "--model", "no-such-model"])
+    assert r.exit_code == 2 and "no cached model matches" in r.stderr

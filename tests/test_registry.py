@@ -155,3 +155,25 @@ def test_real_mpnet_768_store_end_to_end(tmp_path):
                    ChunkSettings(), DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
     assert Path(s.store).name == "all-mpnet-base-v2-768d" and s.dim == 768
     assert Store(Path(s.store)).search("when is the compost turned?", k=1)[0].source == "a.md"
+
+
+@pytest.mark.parametrize("backend", ["sentence-transformers", "onnx"])
+def test_1024_dim_cls_model_runs_the_whole_path(tmp_path, bert1024_cls, backend):
+    """bge-large's shape (1024 dims, CLS pooling, BGE query prefix): ingest, store name, manifest, search."""
+    model = tmp_path / "bge-large-en-v1.5"
+    shutil.copytree(bert1024_cls, model)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for i in range(3):
+        (proj / f"n{i}.md").write_text(f"# Note {i}\n\nThis is note number {i} about topic {i * 7}.\n")
+    emb = load_embedder(str(model), backend=backend)
+    s = run_ingest("p", proj, tmp_path / "stores", emb, ChunkSettings(64, 8), DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    store = Store(Path(s.store))
+    assert Path(s.store).name == "bge-large-en-v1-5-1024d" and store.dim == 1024 == s.dim
+    m = store.manifest["model"]
+    assert (m["pooling"], m["backend"], m["dim"]) == ("cls", backend, 1024)
+    assert m["query_prefix"].startswith("Represent this sentence")
+    v = store.vectors()
+    assert v.shape == (3, 1024) and abs(float((v * v).sum(axis=1).mean()) - 1.0) < 1e-4
+    hit = store.search(v[1], k=1)[0]  # a stored vector finds its own row
+    assert hit.row == 1 and hit.score > 0.999
