@@ -20,7 +20,7 @@ ONNX_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "el
 # token-budget batching gives sentence-transformers 40.95 chunks/s and ONNX Runtime 41.05 - a tie - while ONNX costs
 # a one-time export (~6 s, +90 MB for MiniLM). So torch stays the default; ONNX is one flag away.
 DEFAULT_CPU_BACKEND = "sentence-transformers"
-DEFAULT_CPU_REASON = "sentence-transformers on torch is the CPU default (ONNX Runtime measured level with it)"
+DEFAULT_CPU_REASON = "torch is the CPU default (ONNX Runtime measured level with it)"
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def pick_backend(info: ModelInfo, requested: str = "auto") -> BackendChoice:
                              f"mlx-embeddings cannot run model type {info.model_type!r}: routed to sentence-transformers")
     if DEFAULT_CPU_BACKEND == "onnx" and _onnx_ok(info):
         return BackendChoice("onnx", DEFAULT_CPU_REASON)
-    return BackendChoice("sentence-transformers", "no Metal here: " + DEFAULT_CPU_REASON)
+    return BackendChoice("sentence-transformers", "auto, no Metal here; " + DEFAULT_CPU_REASON)
 
 
 def load_embedder(model: str | None = None, backend: str = "auto", batch_size: int = 32,
