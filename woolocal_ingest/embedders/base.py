@@ -106,22 +106,10 @@ def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
     raise ValueError(f"pooling mode {mode!r} is not supported (mean, cls, max, lasttoken)")
 
 
-class TransformerEmbedder:
-    """Shared machinery for backends that run the bare transformer and pool themselves (ONNX Runtime, MLX):
-    tokenise with the model's own tokenizer (truncation at max_tokens), token-budget batches, pooling from the
-    model's config, L2 normalisation, results in input order. Subclasses implement `_forward`."""
+class LocalModel:
+    """The model facts every local backend exposes, read from its ModelInfo (`self.info`)."""
 
-    backend = "transformer"
-
-    def __init__(self, info: ModelInfo, token_budget: int | None = None, max_batch: int | None = None):
-        from woolocal_ingest.embedders.batching import DEFAULT_MAX_BATCH, DEFAULT_TOKEN_BUDGET
-
-        self.info = info
-        self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET
-        self.max_batch = max_batch or DEFAULT_MAX_BATCH
-        self.batching = "token-budget"  # or "fixed": max_batch texts in input order (the benchmark's baseline)
-        self.last_plan = None  # BatchPlan of the last embed_documents call (padding waste)
-        self.real_tokens = self.padded_tokens = 0  # over every call: padding waste of this embedder's work
+    info: ModelInfo
 
     @property
     def model_name(self) -> str:
@@ -138,6 +126,24 @@ class TransformerEmbedder:
     @cached_property
     def tokens(self) -> TokenCounter:
         return TokenCounter(self.info)
+
+
+class TransformerEmbedder(LocalModel):
+    """Shared machinery for backends that run the bare transformer and pool themselves (ONNX Runtime, MLX):
+    tokenise with the model's own tokenizer (truncation at max_tokens), token-budget batches, pooling from the
+    model's config, L2 normalisation, results in input order. Subclasses implement `_forward`."""
+
+    backend = "transformer"
+
+    def __init__(self, info: ModelInfo, token_budget: int | None = None, max_batch: int | None = None):
+        from woolocal_ingest.embedders.batching import DEFAULT_MAX_BATCH, DEFAULT_TOKEN_BUDGET
+
+        self.info = info
+        self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET
+        self.max_batch = max_batch or DEFAULT_MAX_BATCH
+        self.batching = "token-budget"  # or "fixed": max_batch texts in input order (the benchmark's baseline)
+        self.last_plan = None  # BatchPlan of the last embed_documents call (padding waste)
+        self.real_tokens = self.padded_tokens = 0  # over every call: padding waste of this embedder's work
 
     @cached_property
     def _tokenizer(self):

@@ -29,6 +29,7 @@ import numpy as np
 
 from woolocal_ingest.embedders.base import TransformerEmbedder
 from woolocal_ingest.embedders.registry import ModelInfo
+from woolocal_ingest.stores import _fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -145,19 +146,6 @@ def _locked(folder: Path):
             yield True
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_export_atomically(model_dir: Path, folder: Path, exporter=export_onnx) -> Path:

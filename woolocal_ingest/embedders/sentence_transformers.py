@@ -9,11 +9,11 @@ from typing import Sequence
 
 import numpy as np
 
-from woolocal_ingest.embedders.base import Progress, TokenCounter, l2_normalise
+from woolocal_ingest.embedders.base import LocalModel, Progress, l2_normalise
 from woolocal_ingest.embedders.registry import ModelInfo
 
 
-class SentenceTransformerEmbedder:
+class SentenceTransformerEmbedder(LocalModel):
     """Embeds with a local sentence-transformers folder; never reaches a hub."""
 
     backend = "sentence-transformers"
@@ -29,22 +29,6 @@ class SentenceTransformerEmbedder:
         self.last_plan = None  # BatchPlan of the last embed_documents call (padding waste)
         self.real_tokens = self.padded_tokens = 0  # over every call: padding waste of this embedder's work
         self._lock = threading.Lock()
-
-    @property
-    def model_name(self) -> str:
-        return self.info.name
-
-    @property
-    def dim(self) -> int:
-        return self.info.dim
-
-    @property
-    def max_tokens(self) -> int:
-        return self.info.max_tokens
-
-    @cached_property
-    def tokens(self) -> TokenCounter:
-        return TokenCounter(self.info)
 
     @cached_property
     def model(self):
