@@ -177,3 +177,22 @@ def test_1024_dim_cls_model_runs_the_whole_path(tmp_path, bert1024_cls, backend)
     assert v.shape == (3, 1024) and abs(float((v * v).sum(axis=1).mean()) - 1.0) < 1e-4
     hit = store.search(v[1], k=1)[0]  # a stored vector finds its own row
     assert hit.row == 1 and hit.score > 0.999
+
+
+def test_models_cli_pull_refused_and_add_registers(tmp_path, bert768_cls):
+    """`models pull` says plainly why it will not download (exit 2); `models add` makes a folder resolvable and
+    `models list --json` shows it with its dim and the backends that can run it."""
+    from click.testing import CliRunner
+
+    from woolocal_ingest.cli import main
+
+    run = CliRunner().invoke
+    r = run(main, ["models", "pull", "BAAI/bge-large-en-v1.5"])
+    assert r.exit_code == 2 and "LOCALMLX_AUTO_DOWNLOAD" in r.stderr
+    r = run(main, ["models", "add", str(bert768_cls), "--name", "acme/stand-in-768"])
+    assert r.exit_code == 0, r.output
+    r = run(main, ["models", "list", "--json"])
+    rows = {m["name"]: m for m in json.loads(r.stdout)["models"]}
+    assert rows["acme/stand-in-768"]["dim"] == 768 and rows["acme/stand-in-768"]["origin"] == "registered"
+    assert "sentence-transformers" in rows["acme/stand-in-768"]["backends"]
+    assert rows[MINILM]["dim"] == 384 and rows[MINILM]["memory_mb"] > 0
