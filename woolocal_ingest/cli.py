@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -494,6 +495,23 @@ def _open_cache(obj: _Ctx, stores_dir: str | None, cache_file: str | None):
     return EmbeddingCache(path, max_mb=cfg.cache.max_mb)
 
 
+@contextmanager
+def _cache_session(obj: _Ctx, stores_dir: str | None, cache_file: str | None):
+    """The cache the command names, closed afterwards; its errors become one `error:` line and an exit code."""
+    import sqlite3
+
+    try:
+        c = _open_cache(obj, stores_dir, cache_file)
+        try:
+            yield c
+        finally:
+            c.close()
+    except sqlite3.Error as e:
+        raise _fail(WoolocalError(f"embedding cache: {e}"))
+    except WoolocalError as e:
+        raise _fail(e)
+
+
 def _cache_options(f):
     f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(f)
     f = click.option("--path", "cache_file", type=click.Path(dir_okay=False), default=None,
@@ -507,18 +525,8 @@ def _cache_options(f):
 @_cache_options
 def cache_stats(obj: _Ctx, stores_dir, cache_file, as_json):
     """Rows per model, size on disk and the size bound."""
-    import sqlite3
-
-    try:
-        c = _open_cache(obj, stores_dir, cache_file)
-        try:
-            s = c.stats()
-        finally:
-            c.close()
-    except sqlite3.Error as e:
-        raise _fail(WoolocalError(f"embedding cache: {e}"))
-    except WoolocalError as e:
-        raise _fail(e)
+    with _cache_session(obj, stores_dir, cache_file) as c:
+        s = c.stats()
     if as_json:
         _emit_json(s)
         return
@@ -543,24 +551,14 @@ def cache_stats(obj: _Ctx, stores_dir, cache_file, as_json):
 @_cache_options
 def cache_prune(obj: _Ctx, max_mb, model, older_than_days, stores_dir, cache_file, as_json):
     """Remove cached vectors: least recently used beyond a size, one model's, or those unused for D days."""
-    import sqlite3
+    with _cache_session(obj, stores_dir, cache_file) as c:
+        if model is not None and not c.match_models(model):
+            from woolocal_ingest.errors import ConfigError
 
-    try:
-        c = _open_cache(obj, stores_dir, cache_file)
-        try:
-            if model is not None and not c.match_models(model):
-                from woolocal_ingest.errors import ConfigError
-
-                raise ConfigError(f"--model: no cached model matches {model!r} (`woolocal cache stats` lists them)")
-            before = c.stats()
-            removed = c.prune(max_mb=max_mb, model_key=model, older_than_days=older_than_days)
-            after = c.stats()
-        finally:
-            c.close()
-    except sqlite3.Error as e:
-        raise _fail(WoolocalError(f"embedding cache: {e}"))
-    except WoolocalError as e:
-        raise _fail(e)
+            raise ConfigError(f"--model: no cached model matches {model!r} (`woolocal cache stats` lists them)")
+        before = c.stats()
+        removed = c.prune(max_mb=max_mb, model_key=model, older_than_days=older_than_days)
+        after = c.stats()
     out = {"path": after["path"], "removed": removed, "rows": after["rows"],
            "bytes_on_disk_before": before["bytes_on_disk"], "bytes_on_disk": after["bytes_on_disk"],
            "max_mb": max_mb if max_mb is not None else after["max_mb"]}

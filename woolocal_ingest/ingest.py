@@ -291,7 +291,6 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
         for c in group.chunks:
             if c.sha256 in fresh:
                 rows.append(new_vecs[fresh[c.sha256]])
-                summary.embedded += 0  # counted once below
             elif plan.reuse_vectors and c.sha256 in by_sha:
                 rows.append(prev_vectors[by_sha[c.sha256]])
                 summary.reused += 1
