@@ -95,6 +95,33 @@ class CacheConfig(_Strict):
     max_mb: int = Field(default=2048, ge=1)
 
 
+class ScheduleConfig(_Strict):
+    """When a declared ingest or migration runs by itself (`woolocal schedule serve`)."""
+
+    cron: str = Field(description="5-field cron expression, e.g. '0 3 * * *' (03:00 every night)")
+    timezone: str = Field(default="UTC", description="IANA timezone the cron is read in, e.g. Europe/Berlin")
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, v: str) -> str:
+        from croniter import croniter
+
+        if len(v.split()) != 5 or not croniter.is_valid(v):
+            raise ValueError(f"{v!r} is not a valid 5-field cron expression (minute hour day month weekday)")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not a known IANA timezone (e.g. UTC, Europe/Berlin)") from None
+        return v
+
+
 class ProjectConfig(_Strict):
     """One project folder to ingest into its own stores."""
 
@@ -106,15 +133,82 @@ class ProjectConfig(_Strict):
     stores_root: Path | None = None
     chunking: ChunkingConfig | None = None
     python_layout: bool | None = None
+    schedule: ScheduleConfig | None = None
 
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        import re
+        return _check_name(v, "project")
 
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
-            raise ValueError(f"{v!r} is not a valid project name (letters, digits, '.', '_', '-'; no slashes)")
-        return v
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _check_name(v: str, what: str) -> str:
+    if not NAME_RE.fullmatch(v):
+        raise ValueError(f"{v!r} is not a valid {what} name (letters, digits, '.', '_', '-'; no slashes)")
+    return v
+
+
+class MigrationConfig(_Strict):
+    """One store to re-embed with a local model: on demand (`woolocal migrate --all`) or on its schedule."""
+
+    name: str
+    source: Path = Field(description="the store folder to migrate (LangChain JS/Python or a woolocal store)")
+    to: str = Field(description="target: a purpose name from `purposes` or a model name/path")
+    out: Path | None = Field(default=None, description="where the new store goes (default: beside stores_root)")
+    in_place: bool = Field(default=False, description="replace the source (kept as a timestamped backup)")
+    python_layout: bool | None = None
+    schedule: ScheduleConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return _check_name(v, "migration")
+
+    @model_validator(mode="after")
+    def _out_or_in_place(self) -> "MigrationConfig":
+        if self.in_place and self.out is not None:
+            raise ValueError("out: give either out or in_place: true, not both")
+        return self
+
+
+class WoosterConfig(_Strict):
+    """A Wooster install to migrate in bulk (`woolocal migrate --all`): which purpose each kind of store goes to."""
+
+    root: Path | None = Field(default=None, description="Wooster's folder (holds projects/ and vector_data/)")
+    projects_purpose: str = "projects"          # projects/*/vectorStore
+    user_profile_purpose: str = "userProfile"   # vector_data/*
+    in_place: bool = True
+
+
+class ChatConfig(_Strict):
+    """The upstream OpenAI-compatible chat server the RAG endpoint forwards to (mlx_lm.server, Ollama, llama.cpp)."""
+
+    upstream: str | None = Field(default=None, description="base URL, e.g. http://127.0.0.1:8080/v1")
+    model: str | None = Field(default=None, description="model name sent upstream (default: the request's)")
+    api_key_env: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, description="default; env LOCALMLX_MAX_TOKENS")
+    temperature: float | None = Field(default=None, ge=0, le=2, description="default; env LOCALMLX_TEMPERATURE")
+    timeout_s: float = Field(default=120.0, gt=0)
+    k: int = Field(default=5, ge=1, le=100, description="chunks retrieved per question")
+
+
+class ServiceConfig(_Strict):
+    """`woolocal serve`: what it binds, which models it loads, its limits, and chat RAG."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8001, ge=1, le=65535)
+    api_key_env: str = Field(default="WOOLOCAL_API_KEY", description="env var with the key (required off loopback)")
+    models: list[str] = Field(default_factory=list, description="purposes or models to load (default: all purposes)")
+    max_inputs: int = Field(default=2048, ge=1, le=2048)
+    max_tokens_per_request: int = Field(default=300_000, ge=1)
+    max_body_mb: float = Field(default=16.0, gt=0)
+    queue_size: int = Field(default=1024, ge=1, description="texts waiting to embed; beyond it requests get 429")
+    max_batch_tokens: int = Field(default=8192, ge=64)
+    batch_wait_ms: float = Field(default=2.0, ge=0)
+    chat: ChatConfig = ChatConfig()
+    aliases: dict[str, str] = Field(default_factory=dict, description="chat model alias -> store (project name/path)")
 
 
 class Defaults(_Strict):
@@ -136,6 +230,9 @@ class FlowsConfig(_Strict):
     projects: list[ProjectConfig] = Field(default_factory=list)
     task_runner: TaskRunnerConfig = TaskRunnerConfig()
     cache: CacheConfig = CacheConfig()
+    migrations: list[MigrationConfig] = Field(default_factory=list)
+    wooster: WoosterConfig = WoosterConfig()
+    service: ServiceConfig = ServiceConfig()
     base_dir: Path = Path(".")
 
     @model_validator(mode="after")
@@ -150,6 +247,15 @@ class FlowsConfig(_Strict):
                     f"projects[{i}].purpose: {p.purpose!r} is not one of the declared purposes "
                     f"{sorted(self.purposes)}"
                 )
+        mseen: set[str] = set()
+        for i, m in enumerate(self.migrations):
+            if m.name in mseen:
+                raise ValueError(f"migrations[{i}].name: duplicate migration name {m.name!r}")
+            mseen.add(m.name)
+        for key in ("projects_purpose", "user_profile_purpose"):
+            if self.wooster.root is not None and getattr(self.wooster, key) not in self.purposes:
+                raise ValueError(f"wooster.{key}: {getattr(self.wooster, key)!r} is not one of the declared "
+                                 f"purposes {sorted(self.purposes)}")
         return self
 
     # -- lookups -------------------------------------------------------------
@@ -182,10 +288,12 @@ class FlowsConfig(_Strict):
     def purpose(self, name: str) -> PurposeConfig:
         return self.purposes[name]
 
+    def migration(self, name: str) -> MigrationConfig | None:
+        """The declared migration called `name`, or None."""
+        return next((m for m in self.migrations if m.name == name), None)
+
     def adhoc_project(self, path: Path) -> ProjectConfig:
         """A project for a folder that flows.yaml does not declare (named after the folder)."""
-        import re
-
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name).strip("-.") or "project"
         return ProjectConfig(name=name, path=path.resolve())
 

@@ -1,0 +1,5 @@
+"""Store search and chat RAG routes (placeholder until written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()
