@@ -231,6 +231,119 @@ def _print_ingest_summary(s: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# migrate
+
+
+@main.command()
+@click.argument("source", metavar="SRC|NAME", required=False)
+@click.option("--to", "to", default=None, metavar="PURPOSE|MODEL",
+              help="Target: a purpose of flows.yaml (its model, backend, batch settings) or a model name/folder.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="The store folder to write (default: <stores_root>/<project>/<model-slug>-<dim>d).")
+@click.option("--in-place", is_flag=True, help="Replace SRC (Wooster's vectorStore); the old one is kept as "
+              "SRC.bak-<timestamp>.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and a measured time estimate; write nothing.")
+@click.option("--all", "all_stores", is_flag=True,
+              help="Every migration in flows.yaml, else every store under wooster.root.")
+@click.option("--rollback", is_flag=True, help="Restore SRC from its newest backup (after --in-place).")
+@click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "mlx"]), default=None)
+@click.option("--python-layout/--no-python-layout", default=None,
+              help="Also write LangChain Python's index.faiss + index.pkl (default: yes for a Python source).")
+@click.option("--no-prefect", is_flag=True, help="Run in-process, without the Prefect flow.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.pass_obj
+def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback, backend, python_layout, no_prefect,
+            as_json):
+    """Re-embed a LangChain JS/Python store or a woolocal store (SRC) with a local model, or run a migration
+    declared in flows.yaml by NAME. Resumable after a kill; verified before it replaces anything."""
+    from woolocal_ingest import migrate as mig
+
+    given = [f for f, v in (("--to", to), ("--out", out), ("--in-place", in_place), ("--backend", backend),
+                            ("--python-layout", python_layout is not None)) if v]
+    if rollback and (all_stores or dry_run or given or not source):
+        raise click.UsageError("--rollback takes SRC alone: woolocal migrate --rollback SRC")
+    if all_stores and (source or given):
+        raise click.UsageError(f"--all takes no SRC{' and no ' + ', '.join(given) if given else ''} (targets come "
+                               "from flows.yaml)")
+    if not (rollback or all_stores) and not source:
+        raise click.UsageError("give SRC --to MODEL, a migration NAME from flows.yaml, --all, or --rollback SRC")
+    if out and in_place:
+        raise click.UsageError("give either --out DIR or --in-place, not both")
+    bar = _Bar(enabled=sys.stderr.isatty())
+    mig.set_progress(bar)
+    try:
+        if rollback:
+            newest = (mig.backups(Path(source)) or [None])[-1]
+            restored = mig.rollback(Path(source))
+            result = {"status": "rolled_back", "store": str(restored), "restored_from": str(newest)}
+            if as_json:
+                _emit_json(result)
+            else:
+                click.echo(f"rolled back {restored} from {newest}")
+            return
+        cfg = obj.config
+        declared = cfg.migration(source) if source and not Path(source).exists() else None
+        if source and declared is None and to is None:
+            names = ", ".join(m.name for m in cfg.migrations) or "none declared"
+            raise click.UsageError(f"--to is required: {source!r} is not a migration in flows.yaml ({names})")
+        if declared is not None and given:
+            raise click.UsageError(f"{source!r} is a migration declared in flows.yaml; {', '.join(given)} cannot "
+                                   "change it (edit flows.yaml, or give a store folder)")
+        use_flow = not (no_prefect or dry_run)
+        if use_flow and source and declared is None:  # bad input fails here, not as a failed flow run
+            from woolocal_ingest.legacy import detect_format
+
+            detect_format(source)
+            mig.resolve_embedder(to, cfg, backend)  # cached: the flow's task reuses it
+        if use_flow:
+            from pipelines.runtime import prepare_prefect_env
+
+            prepare_prefect_env(cfg.base_dir / ".prefect", verbose=obj.verbose)
+            from pipelines.migrate_flow import run_migrate_flow
+        if all_stores:
+            if use_flow:
+                results = run_migrate_flow(all_stores=True, dry_run=dry_run, config_path=obj.config_path)
+            else:
+                results = [s.to_dict() for s in mig.migrate_all(cfg, dry_run=dry_run)]
+        elif use_flow:
+            results = run_migrate_flow(dict(name_or_source=source, to=to if declared is None else None, out=out,
+                                            in_place=in_place, dry_run=dry_run, backend=backend,
+                                            python_layout=python_layout, config_path=obj.config_path))
+        elif declared is not None:
+            results = mig.run_declared_migration(declared, cfg, dry_run=dry_run).to_dict()
+        else:
+            results = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
+                                        in_place=in_place, backend=backend, python_layout=python_layout,
+                                        dry_run=dry_run).to_dict()
+    except click.UsageError:
+        raise
+    except WoolocalError as e:
+        raise _fail(e)
+    except Exception as e:  # a bug or an OS failure: one line, exit 1 (-v for the traceback)
+        if obj.verbose:
+            raise
+        raise _fail(WoolocalError(f"migrate failed: {type(e).__name__}: {e}"))
+    finally:
+        bar.close()
+        mig.set_progress(None)
+    if all_stores:
+        failed = sum(1 for s in results if s["status"] == "failed")
+        if as_json:
+            _emit_json({"status": "failed" if failed else "ok", "failed": failed, "migrations": results})
+        else:
+            for s in results:
+                click.echo(mig.format_summary(s), err=True)
+            click.echo(mig.format_table(results))
+        if failed:
+            raise click.exceptions.Exit(1)
+        return
+    if as_json:
+        _emit_json(results)
+    else:
+        click.echo(mig.format_summary(results))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # query / embed
 
 
@@ -310,6 +423,68 @@ def embed(model, backend, as_query, as_json):
         for v in vecs:
             click.echo(json.dumps([round(float(x), 7) for x in v]))
         click.echo(f"{len(texts)} texts embedded with {emb.model_name} ({emb.dim}d)", err=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# serve (logic in woolocal_ingest/service/)
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to bind (default: service.host in flows.yaml, 127.0.0.1). "
+              "Any non-loopback address requires an API key in $WOOLOCAL_API_KEY (service.api_key_env).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default: service.port, 8001).")
+@click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root (default from flows.yaml).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="flows.yaml to use (same as the top-level --config).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+@click.pass_obj
+def serve(obj: _Ctx, host, port, stores, config_path, log_level):
+    """Serve embeddings (OpenAI-compatible), store search and chat RAG over HTTP."""
+    from woolocal_ingest.embedders.openai_compat import is_loopback_host
+
+    try:
+        if config_path:
+            obj.config_path, obj._config = config_path, None
+        cfg = obj.config
+        host = host or cfg.service.host
+        port = port or cfg.service.port
+        env = cfg.service.api_key_env
+        key = os.environ.get(env) or None
+        loopback = is_loopback_host(host)
+        if not loopback and not key:
+            click.echo(f"error: refusing to bind {host}: it is not a loopback address, and a non-loopback bind "
+                       f"requires an API key. Set {env}=<a long random secret> (clients send it as "
+                       f"'Authorization: Bearer <key>'), or bind 127.0.0.1.", err=True)
+            raise click.exceptions.Exit(2)
+        import logging
+
+        import uvicorn
+
+        from woolocal_ingest.service.app import create_app
+
+        wlog = logging.getLogger("woolocal")
+        if not wlog.handlers:  # model load progress and errors, next to uvicorn's own lines
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+            wlog.addHandler(handler)
+            wlog.setLevel(log_level.upper())
+
+        app = create_app(cfg, stores_root=Path(stores).resolve() if stores else None, api_key=key,
+                         require_key=not loopback)
+    except WoolocalError as e:
+        raise _fail(e)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}"
+    click.echo(f"woolocal serve: {url}/v1 (OpenAI-compatible embeddings; models: "
+               f"{', '.join(s.key for s in app.state.service.slots)}; GET {url}/health answers ok once they are "
+               f"loaded){'; API key required' if key else ''}", err=True)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1, proxy_headers=False,
+                            server_header=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise click.exceptions.Exit(1)  # e.g. the port is taken (uvicorn said so)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -567,6 +742,93 @@ def cache_prune(obj: _Ctx, max_mb, model, older_than_days, stores_dir, cache_fil
         return
     click.echo(f"{out['path']}: removed {removed} rows, {out['rows']} left; "
                f"{out['bytes_on_disk_before'] / 1e6:.1f} MB -> {out['bytes_on_disk'] / 1e6:.1f} MB on disk")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schedule (logic in woolocal_ingest/schedules.py, pipelines/schedule_server.py, pipelines/schedules.py)
+
+
+def _config_file(obj: _Ctx) -> Path:
+    """The flows.yaml in use, as an absolute path (scheduled deployments carry it as a parameter)."""
+    return Path(obj.config_path or os.environ.get("WOOLOCAL_CONFIG") or "flows.yaml").expanduser().resolve()
+
+
+@main.group()
+def schedule():
+    """Run the schedules declared in flows.yaml (projects and migrations with `schedule: {cron, timezone}`)."""
+
+
+@schedule.command("serve")
+@click.option("--port", type=click.IntRange(0, 65535), default=0,
+              help="Port of the Prefect server it starts on 127.0.0.1 (default: a free one).")
+@click.option("--ui", is_flag=True, help="Also serve Prefect's UI from that server (slower to start).")
+@click.option("--startup-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Seconds to wait for the Prefect server to answer.")
+@click.pass_obj
+def schedule_serve(obj: _Ctx, port, ui, startup_timeout):
+    """Serve every schedule as a Prefect deployment until SIGTERM or Ctrl-C.
+
+    Starts its own Prefect server (a child process on 127.0.0.1, stopped with it) unless PREFECT_API_URL is set.
+    """
+    from pipelines.schedule_server import serve_schedules
+
+    try:
+        serve_schedules(obj.config, _config_file(obj), port=port or None, ui=ui, verbose=obj.verbose,
+                        startup_timeout=startup_timeout, echo=lambda s: click.echo(s, err=True))
+    except WoolocalError as e:
+        raise _fail(e)
+
+
+@schedule.command("list")
+@click.option("-n", "count", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="How many upcoming run times to show per schedule.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.pass_obj
+def schedule_list(obj: _Ctx, count, as_json):
+    """Each scheduled deployment, its cron and timezone, its next run(s) and, when a Prefect server is reachable,
+    what Prefect knows of it (paused, next scheduled run, last run)."""
+    from datetime import datetime, timezone
+
+    from woolocal_ingest.schedules import api_url_for, declared_jobs, prefect_view
+
+    try:
+        cfg = obj.config
+    except WoolocalError as e:
+        raise _fail(e)
+    jobs = declared_jobs(cfg)
+    url, url_source = api_url_for(cfg)
+    view, prefect_error = None, None
+    if jobs and url:
+        try:
+            view = prefect_view(url, jobs)
+        except Exception as e:  # unreachable or not a Prefect API: the cron view still stands
+            prefect_error = f"{url}: {type(e).__name__}: {e}"
+    rows = [dict(j.to_dict(count), prefect=(view or {}).get(j.deployment)) for j in jobs]
+    if as_json:
+        _emit_json({"config": str(_config_file(obj)), "now": datetime.now(timezone.utc).isoformat(),
+                    "prefect_api": url, "prefect_api_source": url_source, "prefect_error": prefect_error,
+                    "schedules": rows})
+        return
+    if not rows:
+        click.echo(f"no schedules declared in {_config_file(obj)} (add `schedule: {{cron: '0 3 * * *', "
+                   "timezone: UTC}` to a project or a migration)")
+        return
+    for j, r in zip(jobs, rows):
+        nxt = j.next_runs(count)
+        click.echo(f"{r['deployment']}\n  {r['kind']:<9} {r['name']}  ({r['target']})\n  schedule  '{r['cron']}' "
+                   f"{r['timezone']}\n  next      " + ", ".join(t.strftime("%Y-%m-%d %H:%M %Z (%z)") for t in nxt))
+        p = r["prefect"]
+        if p is not None:
+            if not p["exists"]:
+                click.echo("  prefect   not deployed on this server yet (`woolocal schedule serve` deploys it)")
+            else:
+                last = p["last_run"]
+                click.echo(f"  prefect   {'PAUSED, ' if p['paused'] else ''}next scheduled {p['next_scheduled'] or '-'}; "
+                           f"last run " + (f"{last['state']} at {last['start_time']}" if last else "-"))
+    if url is None:
+        click.echo(f"(Prefect: {url_source})", err=True)
+    elif prefect_error:
+        click.echo(f"(Prefect not reachable: {prefect_error})", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,212 @@
+"""Scheduled flows and their Prefect deployments, built from flows.yaml (`woolocal schedule serve`).
+
+Two small wrapper flows read flows.yaml *at run time* (its absolute path is the deployment's parameter), so an edit
+to a project's model or a migration's target applies at the next run without a restart (a changed cron needs one):
+
+- `woolocal-scheduled-ingest` (deployment `ingest-<project>`): the ingest flow for one declared project, as a
+  subflow. Unchanged files are not embedded again and an unchanged store is not rewritten; the run logs
+  "nothing changed" and returns status "unchanged".
+- `woolocal-scheduled-migration` (deployment `migrate-<name>`): `woolocal_ingest.migrate.run_declared_migration`,
+  status "migrated", "unchanged" (the source has not changed since the last migration: nothing re-embedded) or
+  "failed" (the flow run ends Failed; the previous store keeps serving).
+
+Deployments use module-path entrypoints (`pipelines.schedules.scheduled_ingest`): nothing depends on the working
+directory. Each has `concurrency_limit=1` (a run that comes due while the previous one of the same deployment still
+runs waits for it). A scheduled ingest also takes a non-blocking file lock on its project's stores folder, and
+`migrate_store` takes its own lock on the target: a run that finds a lock held (another server, a manual run) ends
+without writing anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from prefect import flow, get_run_logger
+
+from woolocal_ingest.errors import ConfigError, WoolocalError
+from woolocal_ingest.schedules import INGEST_FLOW, MIGRATE_FLOW, declared_jobs
+
+LOCK_NAME = ".woolocal-schedule.lock"
+
+
+def _log():
+    """The flow run's logger; a plain logger when the function runs outside a flow run (`scheduled_ingest.fn`)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("woolocal.schedules")
+
+
+@contextmanager
+def try_lock(path: Path) -> Iterator[bool]:
+    """A non-blocking exclusive flock on `path`: yields False (and holds nothing) when another process holds it.
+    The kernel drops it when the holder dies, so a killed run never leaves a stale lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield True
+    finally:
+        f.close()
+
+
+def ingest_params(cfg, proj) -> dict:
+    """The ingest flow's parameters for a declared project, as `woolocal ingest NAME` builds them."""
+    purpose = cfg.purpose(proj.purpose)
+    chunking = cfg.chunking(proj)
+    if purpose.dimensions is not None:
+        from woolocal_ingest.embedders import resolve_model
+
+        info = resolve_model(purpose.model)
+        if info.dim != purpose.dimensions:
+            raise ConfigError(f"purposes.{proj.purpose}.dimensions is {purpose.dimensions} but model "
+                              f"{info.name} makes {info.dim}-dim vectors")
+    c = cfg.cache
+    return dict(
+        project=proj.name, root=str(cfg.project_root(proj)), stores_root=str(cfg.stores_root(proj)),
+        model=purpose.model, backend=purpose.backend, batch_size=purpose.batch_size,
+        purpose=purpose.model_dump(mode="json"), purpose_name=proj.purpose, model_override=None,
+        backend_override=None, chunk_tokens=chunking.chunk_tokens, overlap_tokens=chunking.overlap_tokens,
+        include=list(proj.include), exclude=list(proj.exclude), python_layout=cfg.python_layout(proj),
+        cache={"enabled": c.enabled, "path": str(cfg.resolve_path(c.path)) if c.path else None, "max_mb": c.max_mb},
+    )
+
+
+def _load(config_path: str):
+    from woolocal_ingest.config import load_config
+
+    return load_config(config_path)
+
+
+def _failed(log, what: str, e: WoolocalError):
+    """A run that failed for a reason the library names (bad config, unreadable store, failed verification): one
+    error line and a Failed final state, no traceback. The previous store is untouched and keeps serving."""
+    from prefect.states import Failed
+
+    log.error("%s failed: %s", what, e)
+    return Failed(message=f"{what} failed: {e}")
+
+
+@flow(name=INGEST_FLOW, persist_result=False, validate_parameters=False, log_prints=False)
+def scheduled_ingest(config_path: str, project: str) -> dict:
+    """Ingest one project declared in `config_path`; returns {"status": "updated"|"unchanged"|"skipped", ...}
+    (a Failed state when it fails)."""
+    log = _log()
+    try:
+        return _ingest(log, config_path, project)
+    except WoolocalError as e:
+        return _failed(log, f"ingest {project}", e)
+
+
+@flow(name=MIGRATE_FLOW, persist_result=False, validate_parameters=False, log_prints=False)
+def scheduled_migration(config_path: str, migration: str) -> dict:
+    """Run one migration declared in `config_path`; returns its summary ({"status": "migrated"|"unchanged"|
+    "skipped", ...}; a Failed state when it fails)."""
+    log = _log()
+    try:
+        return _migrate(log, config_path, migration)
+    except WoolocalError as e:
+        return _failed(log, f"migration {migration}", e)
+
+
+def _ingest(log, config_path: str, project: str) -> dict:
+    from pipelines.ingest_flow import run_ingest_flow
+
+    cfg = _load(config_path)
+    proj = cfg.project(project)
+    if proj is None:
+        raise ConfigError(f"{config_path}: no project named {project!r} any more (restart `woolocal schedule serve` "
+                          "after removing a scheduled project)")
+    params = ingest_params(cfg, proj)
+    lock = Path(params["stores_root"]) / proj.name / LOCK_NAME
+    with try_lock(lock) as got:
+        if not got:
+            log.warning("ingest %s: another run holds %s; skipping this one (nothing touched)", project, lock)
+            return {"status": "skipped", "project": project, "reason": f"lock held: {lock}"}
+        state = run_ingest_flow(params, cfg.task_runner.model_dump())
+        if not state.is_completed():
+            state.result()  # re-raises the subflow's own error: this run fails, the old store keeps serving
+            raise WoolocalError(f"ingest {project}: flow ended {state.name}: {state.message}")
+        summary = state.result()
+    if summary["written"]:
+        summary["status"] = "updated"
+        log.info("ingest %s: store updated: %s (%d chunks: %d added, %d updated, %d deleted; %d embedded)", project,
+                 summary["store"], summary["count"], summary["added"], summary["updated"], summary["deleted"],
+                 summary["embedded"])
+    else:
+        summary["status"] = "unchanged"
+        log.info("ingest %s: nothing changed; %s left as it is (%d chunks)", project, summary["store"],
+                 summary["count"])
+    return summary
+
+
+def _migrate(log, config_path: str, migration: str) -> dict:
+    from woolocal_ingest.migrate import MigrationLockedError, run_declared_migration
+
+    cfg = _load(config_path)
+    m = cfg.migration(migration)
+    if m is None:
+        raise ConfigError(f"{config_path}: no migration named {migration!r} any more (restart `woolocal schedule "
+                          "serve` after removing a scheduled migration)")
+    try:
+        summary = run_declared_migration(m, cfg)  # raises on failure: the run fails, the old store serves on
+    except MigrationLockedError as e:
+        log.warning("migration %s: %s; skipping this run (nothing touched)", migration, e)
+        return {"status": "skipped", "name": migration, "reason": str(e)}
+    d = summary.to_dict()
+    status = d.get("status")
+    if status == "failed":
+        raise WoolocalError(str(d.get("error") or d.get("message") or d))
+    if status == "unchanged":
+        log.info("migration %s: nothing changed; %s left as it is (%s)", migration, d.get("store"),
+                 d.get("message") or "already migrated")
+    else:
+        log.info("migration %s: %s %s -> %s (%s chunks, %s embedded, %s problems reported)", migration, status,
+                 d.get("source"), d.get("store"), d.get("count"), d.get("embedded"), len(d.get("problems") or []))
+    return d
+
+
+def build_deployments(cfg, config_file: Path) -> list:
+    """One RunnerDeployment per scheduled project and migration in `cfg` (read from `config_file`)."""
+    from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
+
+    config_path = str(Path(config_file).resolve())
+    out = []
+    for j in declared_jobs(cfg):
+        fl, key = (scheduled_ingest, "project") if j.kind == "ingest" else (scheduled_migration, "migration")
+        out.append(fl.to_deployment(
+            j.deployment_name,
+            schedules=[Cron(j.cron, timezone=j.timezone)],
+            parameters={"config_path": config_path, key: j.name},
+            concurrency_limit=1,
+            paused=False,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            tags=["woolocal", j.kind],
+            description=f"woolocal {j.kind} {j.name!r} ({j.target}) from {config_path}",
+        ))
+    return out
+
+
+def serve_deployments(deployments: list, api_url: str, limit: int | None = None) -> None:
+    """`prefect.serve` against `api_url`; returns when SIGTERM or Ctrl-C stops the runner (schedules paused)."""
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        serve(*deployments, pause_on_shutdown=True, print_starting_message=True, limit=limit)
