@@ -15,7 +15,6 @@ from prefect.cache_policies import NO_CACHE
 
 from woolocal_ingest import migrate
 from woolocal_ingest.config import MigrationConfig, load_config
-from woolocal_ingest.errors import WoolocalError
 
 
 def _log_summary(s: dict) -> None:
@@ -75,19 +74,11 @@ def run_migrate_flow(params: dict | None = None, *, all_stores: bool = False, dr
                      config_path: str | None = None):
     """Run `migrate_flow(**params)` (or `migrate_all_flow`) in this process and return its result; a failed run
     re-raises the task's own error (its exit code with it)."""
-    from pipelines.runtime import flow_settings
+    from pipelines.runtime import flow_result, flow_settings
 
     with flow_settings():
         if all_stores:
             state = migrate_all_flow(dry_run=dry_run, config_path=config_path, return_state=True)
         else:
             state = migrate_flow(**(params or {}), return_state=True)
-    if not state.is_completed():
-        try:
-            state.result()
-        except WoolocalError:
-            raise
-        except Exception as e:
-            raise WoolocalError(f"migrate flow {state.name.lower()}: {type(e).__name__}: {e}") from e
-        raise WoolocalError(f"migrate flow ended {state.name}: {state.message}")
-    return state.result()
+    return flow_result(state, "migrate flow")

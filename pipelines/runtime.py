@@ -33,3 +33,19 @@ def flow_settings() -> Iterator[None]:
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+def flow_result(state, what: str):
+    """The return value of a finished flow run; a failed run re-raises its task's own WoolocalError, or one naming
+    `what` (e.g. "ingest flow") and the error."""
+    from woolocal_ingest.errors import WoolocalError
+
+    if not state.is_completed():
+        try:
+            state.result()  # re-raise the task's own error
+        except WoolocalError:
+            raise
+        except Exception as e:
+            raise WoolocalError(f"{what} {state.name.lower()}: {type(e).__name__}: {e}") from e
+        raise WoolocalError(f"{what} ended {state.name}: {state.message}")
+    return state.result()

@@ -35,6 +35,22 @@ def _fail(err: Exception) -> "click.exceptions.Exit":
     return click.exceptions.Exit(code)
 
 
+@contextmanager
+def _work_errors(obj: "_Ctx", what: str):
+    """Errors of a command's work: usage errors pass through (exit 2), a WoolocalError becomes its `error:` line and
+    exit code, anything else (a bug, an OS failure) one line and exit 1 (-v re-raises it for the traceback)."""
+    try:
+        yield
+    except (click.UsageError, click.exceptions.Exit):
+        raise
+    except WoolocalError as e:
+        raise _fail(e)
+    except Exception as e:
+        if obj.verbose:
+            raise
+        raise _fail(WoolocalError(f"{what} failed: {type(e).__name__}: {e}"))
+
+
 def _emit_json(obj) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False, default=str))
 
@@ -105,7 +121,7 @@ def _resolve_target(cfg, target: str):
 @click.pass_obj
 def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no_prefect, no_cache, as_json):
     """Ingest a project (declared in flows.yaml, or a folder) into its dimension-tagged store."""
-    try:
+    with _work_errors(obj, "ingest"):
         cfg = obj.config
         proj = _resolve_target(cfg, target)
         purpose = cfg.purpose(proj.purpose)
@@ -145,14 +161,6 @@ def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no
             bar.close()
             ingest_mod.set_progress(None)
         summary["timings"]["total"] = round(time.perf_counter() - t0, 3)
-    except click.BadParameter:
-        raise
-    except WoolocalError as e:
-        raise _fail(e)
-    except Exception as e:  # a bug or an OS failure: one line, exit 1 (-v for the traceback)
-        if obj.verbose:
-            raise
-        raise _fail(WoolocalError(f"ingest failed: {type(e).__name__}: {e}"))
     if as_json:
         _emit_json(summary)
     else:
@@ -194,16 +202,9 @@ def _run_flow(params: dict, base_dir: Path, verbose: bool, task_runner: dict | N
     prepare_prefect_env(base_dir / ".prefect", verbose=verbose)
     from pipelines.ingest_flow import run_ingest_flow
 
-    state = run_ingest_flow(params, task_runner)  # applies flow_settings() itself
-    if not state.is_completed():
-        try:
-            state.result()  # re-raise the task's own error
-        except WoolocalError:
-            raise
-        except Exception as e:
-            raise WoolocalError(f"ingest flow {state.name.lower()}: {type(e).__name__}: {e}") from e
-        raise WoolocalError(f"ingest flow ended {state.name}: {state.message}")
-    return state.result()
+    from pipelines.runtime import flow_result
+
+    return flow_result(run_ingest_flow(params, task_runner), "ingest flow")  # run_ingest_flow applies flow_settings()
 
 
 def _print_ingest_summary(s: dict) -> None:
@@ -272,57 +273,50 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
     bar = _Bar(enabled=sys.stderr.isatty())
     mig.set_progress(bar)
     try:
-        if rollback:
-            newest = (mig.backups(Path(source)) or [None])[-1]
-            restored = mig.rollback(Path(source))
-            result = {"status": "rolled_back", "store": str(restored), "restored_from": str(newest)}
-            if as_json:
-                _emit_json(result)
-            else:
-                click.echo(f"rolled back {restored} from {newest}")
-            return
-        cfg = obj.config
-        declared = cfg.migration(source) if source and not Path(source).exists() else None
-        if source and declared is None and to is None:
-            names = ", ".join(m.name for m in cfg.migrations) or "none declared"
-            raise click.UsageError(f"--to is required: {source!r} is not a migration in flows.yaml ({names})")
-        if declared is not None and given:
-            raise click.UsageError(f"{source!r} is a migration declared in flows.yaml; {', '.join(given)} cannot "
-                                   "change it (edit flows.yaml, or give a store folder)")
-        use_flow = not (no_prefect or dry_run)
-        if use_flow and source and declared is None:  # bad input fails here, not as a failed flow run
-            from woolocal_ingest.legacy import detect_format
+        with _work_errors(obj, "migrate"):
+            if rollback:
+                newest = (mig.backups(Path(source)) or [None])[-1]
+                restored = mig.rollback(Path(source))
+                result = {"status": "rolled_back", "store": str(restored), "restored_from": str(newest)}
+                if as_json:
+                    _emit_json(result)
+                else:
+                    click.echo(f"rolled back {restored} from {newest}")
+                return
+            cfg = obj.config
+            declared = cfg.migration(source) if source and not Path(source).exists() else None
+            if source and declared is None and to is None:
+                names = ", ".join(m.name for m in cfg.migrations) or "none declared"
+                raise click.UsageError(f"--to is required: {source!r} is not a migration in flows.yaml ({names})")
+            if declared is not None and given:
+                raise click.UsageError(f"{source!r} is a migration declared in flows.yaml; {', '.join(given)} cannot "
+                                       "change it (edit flows.yaml, or give a store folder)")
+            use_flow = not (no_prefect or dry_run)
+            if use_flow and source and declared is None:  # bad input fails here, not as a failed flow run
+                from woolocal_ingest.legacy import detect_format
 
-            detect_format(source)
-            mig.resolve_embedder(to, cfg, backend)  # cached: the flow's task reuses it
-        if use_flow:
-            from pipelines.runtime import prepare_prefect_env
-
-            prepare_prefect_env(cfg.base_dir / ".prefect", verbose=obj.verbose)
-            from pipelines.migrate_flow import run_migrate_flow
-        if all_stores:
+                detect_format(source)
+                mig.resolve_embedder(to, cfg, backend)  # cached: the flow's task reuses it
             if use_flow:
-                results = run_migrate_flow(all_stores=True, dry_run=dry_run, config_path=obj.config_path)
+                from pipelines.runtime import prepare_prefect_env
+
+                prepare_prefect_env(cfg.base_dir / ".prefect", verbose=obj.verbose)
+                from pipelines.migrate_flow import run_migrate_flow
+            if all_stores:
+                if use_flow:
+                    results = run_migrate_flow(all_stores=True, dry_run=dry_run, config_path=obj.config_path)
+                else:
+                    results = [s.to_dict() for s in mig.migrate_all(cfg, dry_run=dry_run)]
+            elif use_flow:
+                results = run_migrate_flow(dict(name_or_source=source, to=to if declared is None else None, out=out,
+                                                in_place=in_place, dry_run=dry_run, backend=backend,
+                                                python_layout=python_layout, config_path=obj.config_path))
+            elif declared is not None:
+                results = mig.run_declared_migration(declared, cfg, dry_run=dry_run).to_dict()
             else:
-                results = [s.to_dict() for s in mig.migrate_all(cfg, dry_run=dry_run)]
-        elif use_flow:
-            results = run_migrate_flow(dict(name_or_source=source, to=to if declared is None else None, out=out,
-                                            in_place=in_place, dry_run=dry_run, backend=backend,
-                                            python_layout=python_layout, config_path=obj.config_path))
-        elif declared is not None:
-            results = mig.run_declared_migration(declared, cfg, dry_run=dry_run).to_dict()
-        else:
-            results = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
-                                        in_place=in_place, backend=backend, python_layout=python_layout,
-                                        dry_run=dry_run).to_dict()
-    except click.UsageError:
-        raise
-    except WoolocalError as e:
-        raise _fail(e)
-    except Exception as e:  # a bug or an OS failure: one line, exit 1 (-v for the traceback)
-        if obj.verbose:
-            raise
-        raise _fail(WoolocalError(f"migrate failed: {type(e).__name__}: {e}"))
+                results = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
+                                            in_place=in_place, backend=backend, python_layout=python_layout,
+                                            dry_run=dry_run).to_dict()
     finally:
         bar.close()
         mig.set_progress(None)

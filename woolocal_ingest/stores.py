@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
