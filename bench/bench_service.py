@@ -2,7 +2,7 @@
 
 For each concurrency level (default 1, 8, 32) a fixed number of requests is sent by that many concurrent clients
 (httpx, keep-alive, one text per request, texts drawn from ../shared/corpora/conda-docs); p50/p99 latency and
-requests/s are reported. Arms:
+requests/s are measured, every level `--repeat` times, and the medians reported. Arms:
   woolocal-embed   POST /v1/embeddings {"input": "<one text>"} against `woolocal serve` (dynamic batching)
   infinity-embed   the same request against `infinity_emb v2` serving the same packaged model files
                    (infinity-emb from PyPI in its own throwaway virtualenv under .cache/bench-infinity: its pins,
@@ -12,7 +12,7 @@ requests/s are reported. Arms:
 Both servers run on the same machine, one at a time, after a warm-up; the load generator shares the CPUs with them
 (same for both). The run is bounded: every level sends `--requests` requests and stops.
 
-    .venv/bin/python bench/bench_service.py [--requests 200] [--levels 1,8,32] [--out bench/results]
+    .venv/bin/python bench/bench_service.py [--requests 400] [--repeat 3] [--levels 1,8,32] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -117,15 +117,25 @@ async def load(url: str, bodies: list[dict], concurrency: int, headers: dict | N
             "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000, 2)}
 
 
-def run_levels(name: str, url: str, make_body, sample: list[str], levels: list[int], n: int) -> dict:
+def run_levels(name: str, url: str, make_body, sample: list[str], levels: list[int], n: int, repeat: int) -> dict:
+    """Each level `repeat` times (levels interleaved); per level the median of requests/s, p50 and p99."""
     asyncio.run(load(url, [make_body(t) for t in sample[:32]], 4))  # warm-up, not counted
+    runs: dict[str, list[dict]] = {str(c): [] for c in levels}
+    for _ in range(repeat):
+        for c in levels:
+            bodies = [make_body(sample[i % len(sample)]) for i in range(n)]
+            runs[str(c)].append(asyncio.run(load(url, bodies, c)))
     out = {}
-    for c in levels:
-        bodies = [make_body(sample[i % len(sample)]) for i in range(n)]
-        out[str(c)] = asyncio.run(load(url, bodies, c))
-        r = out[str(c)]
-        print(f"{name:16s} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms"
-              f"  errors {r['errors']}", file=sys.stderr)
+    for c, rs in runs.items():
+        errors: dict[int, int] = {}
+        for r in rs:
+            for code, k in r["errors"].items():
+                errors[code] = errors.get(code, 0) + k
+        out[c] = {"requests": sum(r["requests"] for r in rs), "errors": errors,
+                  **{k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms")}, "runs": rs}
+        r = out[c]
+        print(f"{name:16s} c={c:<3s} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms"
+              f"  errors {r['errors']}  (median of {repeat})", file=sys.stderr)
     return out
 
 
@@ -155,7 +165,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=200, help="requests per level and arm")
+    ap.add_argument("--requests", type=int, default=400, help="requests per level, arm and repeat")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of every level; medians are reported")
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--skip-infinity", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -174,6 +185,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "woolocal_ingest.cli", "ingest", "sample", "--stores", str(stores),
                     "--json"], env=env, check=True, capture_output=True, cwd=REPO)
     result: dict = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "requests_per_level": a.requests,
+                    "repeat": a.repeat,
                     "model": str(model_path), "arms": {}}
     try:
         port = free_port()
@@ -185,10 +197,10 @@ def main() -> None:
             wait_ready(base + "/health", proc)
             result["arms"]["woolocal-embed"] = run_levels(
                 "woolocal-embed", base + "/v1/embeddings", lambda t: {"model": "projects", "input": t, "encoding_format": "float"},
-                sample, levels, a.requests)
+                sample, levels, a.requests, a.repeat)
             result["arms"]["woolocal-search"] = run_levels(
                 "woolocal-search", base + "/v1/stores/sample/search", lambda t: {"query": t, "k": 10},
-                sample, levels, a.requests)
+                sample, levels, a.requests, a.repeat)
         finally:
             stop(proc)
         if not a.skip_infinity:
@@ -205,7 +217,7 @@ def main() -> None:
                 result["arms"]["infinity-embed"] = run_levels(
                     "infinity-embed", base + "/embeddings", lambda t: {"model": "minilm", "input": [t],
                                                                       "encoding_format": "float"},
-                    sample, levels, a.requests)
+                    sample, levels, a.requests, a.repeat)
             finally:
                 stop(proc)
     finally:

@@ -16,7 +16,7 @@ its manifest, and verifies it before the swap. The steps, and what each guarante
   in order, right after it; each piece's metadata is the chunk's plus `woolocalSplit: {id, part, parts, start,
   end}` (character offsets into the original text) and, where the chunk's `loc.lines` matches its text, the
   piece's own line range. The manifest lists every split (`migrated_from.rechunked`).
-* **Resumable.** Rows are embedded in batches of `WOOLOCAL_MIGRATE_BATCH` (default 512) rows; each batch is
+* **Resumable.** Rows are embedded in batches of `WOOLOCAL_MIGRATE_BATCH` (default 128) rows; each batch is
   checkpointed as a Parquet shard (row, id, text sha256, embedding) in `.<target>.migrate-work/` beside the target,
   written atomically. The folder is keyed (`key.json`) by the source's fingerprint (sha256 of its files), the
   model's identity (files, pooling, prefix, max tokens, quantization, backend), the batch size and the row plan:
@@ -74,13 +74,13 @@ __all__ = [
 ]
 
 BATCH_ENV = "WOOLOCAL_MIGRATE_BATCH"  # rows per checkpointed batch (tests use small ones)
-DEFAULT_BATCH = 512
+DEFAULT_BATCH = 128  # rows: ~5 s of MiniLM work on 2 cores, the most a kill -9 can lose
 WORK_SUFFIX = ".migrate-work"
 LOCK_SUFFIX = ".migrate.lock"
 BACKUP_TAG = ".bak-"
 ROLLED_BACK_TAG = ".rolledback-"
 SPLIT_KEY = "woolocalSplit"
-WORK_VERSION = 1
+WORK_VERSION = 2  # 2: rows embedded longest first, shards record their rows
 VERIFY_SAMPLE = 24  # rows re-embedded to check that each finds itself first
 ESTIMATE_SAMPLE = 16  # rows embedded by --dry-run to measure the rate
 _SEPARATORS = ("\n\n", "\n", ". ", " ")
@@ -538,13 +538,13 @@ def _shard_name(b: int) -> str:
     return f"batch-{b:06d}.parquet"
 
 
-def _write_shard(path: Path, start: int, rows: Sequence[Chunk], vectors: np.ndarray) -> None:
+def _write_shard(path: Path, idx: Sequence[int], rows: Sequence[Chunk], vectors: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     dim = vectors.shape[1]
     table = pa.table({
-        "row": pa.array(range(start, start + len(rows)), pa.int64()),
+        "row": pa.array(list(idx), pa.int64()),
         "id": pa.array([c.id for c in rows], pa.string()),
         "sha256": pa.array([Chunk.text_sha256(c.text) for c in rows], pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim),
@@ -560,7 +560,7 @@ def _write_shard(path: Path, start: int, rows: Sequence[Chunk], vectors: np.ndar
     _fsync_dir(path.parent)
 
 
-def _read_shard(path: Path, start: int, rows: Sequence[Chunk], dim: int) -> np.ndarray | None:
+def _read_shard(path: Path, idx: Sequence[int], rows: Sequence[Chunk], dim: int) -> np.ndarray | None:
     """The shard's vectors when it holds exactly these rows (ids, text hashes, dim, finite), else None."""
     import pyarrow.parquet as pq
 
@@ -568,7 +568,7 @@ def _read_shard(path: Path, start: int, rows: Sequence[Chunk], dim: int) -> np.n
         t = pq.read_table(path)
         if t.num_rows != len(rows):
             return None
-        if t.column("row").to_pylist() != list(range(start, start + len(rows))):
+        if t.column("row").to_pylist() != list(idx):
             return None
         if t.column("id").to_pylist() != [c.id for c in rows]:
             return None
@@ -612,39 +612,44 @@ def _embed_all(plan: _Plan, emb: "Embedder", config: "FlowsConfig", progress: Pr
     dim = emb.dim
     work = _work_dir(plan.target)
     key = {"version": WORK_VERSION, "source_fingerprint": plan.fingerprint, "model": _model_identity(emb),
-           "batch": batch, "limit": plan.limit, "rows": len(rows), "rows_sha256": _rows_digest(rows)}
+           "batch": batch, "limit": plan.limit, "rows": len(rows), "rows_sha256": _rows_digest(rows),
+           "order": "tokens-desc"}
     _prepare_work(work, key)
-    starts = list(range(0, len(rows), batch))
-    summary.batches = len(starts)
+    # Rows are embedded longest first (a stable sort of their token counts), as SentenceTransformer.encode orders a
+    # whole call: every batch, checkpoint after checkpoint, pads little. Shards record the rows they hold.
+    order = (sorted(range(len(rows)), key=lambda i: -plan.tokens[i]) if len(plan.tokens) == len(rows)
+             else list(range(len(rows))))
+    groups = [order[start:start + batch] for start in range(0, len(rows), batch)]
+    summary.batches = len(groups)
     vectors = np.zeros((len(rows), dim), dtype=np.float32)
     todo: list[int] = []
-    for b, start in enumerate(starts):
+    for b, idx in enumerate(groups):
         path = work / _shard_name(b)
-        v = _read_shard(path, start, rows[start:start + batch], dim) if path.is_file() else None
+        v = _read_shard(path, idx, [rows[i] for i in idx], dim) if path.is_file() else None
         if v is None:
             path.unlink(missing_ok=True)
             todo.append(b)
         else:
-            vectors[start:start + len(v)] = v
+            vectors[idx] = v
             summary.resumed_batches += 1
     if progress:
-        progress("total+", sum(len(rows[starts[b]:starts[b] + batch]) for b in todo))
+        progress("total+", sum(len(groups[b]) for b in todo))
     cache = config.cache
     cache_cfg = {"enabled": cache.enabled, "path": str(config.resolve_path(cache.path)) if cache.path else None,
                  "max_mb": cache.max_mb}
     cached = with_cache(emb, config.stores_root(), cache_cfg)
     generation = getattr(emb, "generation", 0)
     for b in todo:
-        start = starts[b]
-        part = rows[start:start + batch]
+        idx = groups[b]
+        part = [rows[i] for i in idx]
         v = np.ascontiguousarray(_embed_rows(cached, [c.text for c in part], progress), dtype=np.float32)
         if v.shape != (len(part), dim):
             raise MigrationError(f"{emb.model_name} returned vectors of shape {v.shape} for {len(part)} texts")
         if getattr(emb, "generation", 0) != generation:
             raise MigrationError(f"{plan.target}: the embedder switched to its fallback mid-run; a store never mixes "
                                  "two models - run the migration again")
-        _write_shard(work / _shard_name(b), start, part, v)
-        vectors[start:start + len(part)] = v
+        _write_shard(work / _shard_name(b), idx, part, v)
+        vectors[idx] = v
         summary.embedded += len(part)
     summary.cached = int(getattr(cached, "hits", 0))
     return vectors
