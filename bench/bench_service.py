@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of every level; medians are reported")
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--skip-infinity", action="store_true")
+    ap.add_argument("--config", default=str(REPO / "flows.yaml"), help="flows.yaml for woolocal (service settings)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
@@ -179,7 +180,7 @@ def main() -> None:
     model_path = resolve_model(None).path
     work = Path(tempfile.mkdtemp(prefix="woolocal-bench-service-"))
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "WOOLOCAL_CONFIG": str(REPO / "flows.yaml")}
+           "TRANSFORMERS_OFFLINE": "1", "WOOLOCAL_CONFIG": str(Path(a.config).resolve())}
     env.pop("PREFECT_API_URL", None)
     stores = work / "stores"
     subprocess.run([sys.executable, "-m", "woolocal_ingest.cli", "ingest", "sample", "--stores", str(stores),
