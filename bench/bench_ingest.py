@@ -16,22 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import arm_encode, rss_mb, run_arm  # noqa: E402 (bench/ is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _rss_mb() -> dict:
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"peak_rss_mb": round(self_kb / 1024, 1), "peak_rss_children_mb": round(child_kb / 1024, 1)}
 
 
 def arm_ingest(corpus: str, stores: str) -> dict:
@@ -46,31 +42,11 @@ def arm_ingest(corpus: str, stores: str) -> dict:
         raise SystemExit(f"ingest failed ({res.exit_code}): {res.output}")
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     return {"arm": "ingest", "wall_s": round(wall, 2), "count": summary["count"], "embedded": summary["embedded"],
-            "timings": summary["timings"], "store": summary["store"], **_rss_mb()}
+            "timings": summary["timings"], "store": summary["store"], **rss_mb()}
 
 
-def arm_encode(store: str) -> dict:
-    t0 = time.perf_counter()
-    import pyarrow.parquet as pq
-    from sentence_transformers import SentenceTransformer
-
-    from woolocal_ingest.embedders import resolve_model
-
-    texts = pq.read_table(Path(store) / "chunks.parquet", columns=["text"]).column("text").to_pylist()
-    t_load = time.perf_counter()
-    model = SentenceTransformer(str(resolve_model(None).path), device="cpu")
-    t_enc = time.perf_counter()
-    vecs = model.encode(texts)
-    t_end = time.perf_counter()
-    return {"arm": "encode", "wall_s": round(t_end - t0, 2), "encode_s": round(t_end - t_enc, 2),
-            "model_load_s": round(t_enc - t_load, 2), "count": len(texts), "dim": int(vecs.shape[1]), **_rss_mb()}
 
 
-def _run_arm(args: list[str], env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"arm {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -93,12 +69,12 @@ def main() -> None:
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PREFECT_API_URL", None)
     # Warm PREFECT_HOME once (its first start creates the database); not timed.
-    _run_arm(["--arm", "ingest", "--corpus", str(REPO / "data" / "sample-project"), "--stores", str(work / "warm")], env)
+    run_arm(__file__, ["--arm", "ingest", "--corpus", str(REPO / "data" / "sample-project"), "--stores", str(work / "warm")], env)
     runs = []
     for i in range(a.repeat):
         stores = work / f"stores-{i}"
-        ing = _run_arm(["--arm", "ingest", "--corpus", a.corpus, "--stores", str(stores)], env)
-        enc = _run_arm(["--arm", "encode", "--store", ing["store"]], env)
+        ing = run_arm(__file__, ["--arm", "ingest", "--corpus", a.corpus, "--stores", str(stores)], env)
+        enc = run_arm(__file__, ["--arm", "encode", "--store", ing["store"]], env)
         runs.append({"ingest": ing, "encode": enc})
         print(f"run {i + 1}/{a.repeat}: ingest {ing['wall_s']}s ({ing['count']} chunks), "
               f"encode {enc['encode_s']}s (+{enc['model_load_s']}s model load)", file=sys.stderr)

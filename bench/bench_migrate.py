@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import signal
 import statistics
@@ -33,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import arm_encode, rss_mb, run_arm  # noqa: E402 (bench/ is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 FIXTURE = SHARED / "fixtures" / "legacy-stores" / "js_openai1536_store"
@@ -40,10 +41,6 @@ CORPUS = SHARED / "corpora" / "conda-docs"
 WOOLOCAL = [sys.executable, "-m", "woolocal_ingest.cli"]
 
 
-def _rss_mb() -> dict:
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"peak_rss_mb": round(self_kb / 1024, 1), "peak_rss_children_mb": round(child_kb / 1024, 1)}
 
 
 def build_conda_store(dest: Path, limit: int) -> int:
@@ -95,31 +92,11 @@ def arm_migrate(src: str, out: str) -> dict:
     if res.exit_code != 0:
         raise SystemExit(f"migrate failed ({res.exit_code}): {res.output[-3000:]}")
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"arm": "migrate", "wall_s": round(wall, 2), "count": summary["count"], "summary": summary, **_rss_mb()}
+    return {"arm": "migrate", "wall_s": round(wall, 2), "count": summary["count"], "summary": summary, **rss_mb()}
 
 
-def arm_encode(store: str) -> dict:
-    t0 = time.perf_counter()
-    import pyarrow.parquet as pq
-    from sentence_transformers import SentenceTransformer
-
-    from woolocal_ingest.embedders import resolve_model
-
-    texts = pq.read_table(Path(store) / "chunks.parquet", columns=["text"]).column("text").to_pylist()
-    t_load = time.perf_counter()
-    model = SentenceTransformer(str(resolve_model(None).path), device="cpu")
-    t_enc = time.perf_counter()
-    vecs = model.encode(texts)
-    t_end = time.perf_counter()
-    return {"arm": "encode", "wall_s": round(t_end - t0, 2), "encode_s": round(t_end - t_enc, 2),
-            "model_load_s": round(t_enc - t_load, 2), "count": len(texts), "dim": int(vecs.shape[1]), **_rss_mb()}
 
 
-def _run_arm(args: list[str], env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"arm {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def resume_run(src: Path, out: Path, kill_after_s: float, env: dict) -> dict:
@@ -179,7 +156,7 @@ def main() -> None:
             n = build_conda_store(sources[name], a.limit)
             print(f"built conda-docs LangChain JS store: {n} rows", file=sys.stderr)
     # Warm start (Prefect's database, the model's page cache); not timed.
-    _run_arm(["--arm", "migrate", "--src", str(sources[next(iter(sources))]), "--dest", str(work / "warm")], env)
+    run_arm(__file__, ["--arm", "migrate", "--src", str(sources[next(iter(sources))]), "--dest", str(work / "warm")], env)
 
     result = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "repeat": a.repeat, "stores": {}}
     med = statistics.median
@@ -187,8 +164,8 @@ def main() -> None:
         runs = []
         for i in range(a.repeat):
             dest = work / f"out-{name}-{i}"
-            mig = _run_arm(["--arm", "migrate", "--src", str(src), "--dest", str(dest)], env)
-            enc = _run_arm(["--arm", "encode", "--src", str(dest)], env)
+            mig = run_arm(__file__, ["--arm", "migrate", "--src", str(src), "--dest", str(dest)], env)
+            enc = run_arm(__file__, ["--arm", "encode", "--src", str(dest)], env)
             runs.append({"migrate": mig, "encode": enc})
             print(f"{name} run {i + 1}/{a.repeat}: migrate {mig['wall_s']}s ({mig['count']} rows), "
                   f"encode {enc['encode_s']}s (+{enc['model_load_s']}s model load)", file=sys.stderr)

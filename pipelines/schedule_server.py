@@ -180,27 +180,13 @@ def _group_alive(pgid: int) -> bool:
 @contextmanager
 def _single_serve_lock(sdir: Path) -> Iterator[None]:
     """One `schedule serve` per PREFECT_HOME: a second one would run every schedule twice."""
-    import fcntl
+    from woolocal_ingest.locks import try_lock
 
-    sdir.mkdir(parents=True, exist_ok=True)
-    f = open(sdir / "serve.lock", "a+")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = _state_pid(sdir)
+    with try_lock(sdir / "serve.lock") as holder:
+        if holder is not None:
             raise WoolocalError(f"another `woolocal schedule serve` is already running with PREFECT_HOME "
-                                f"{sdir.parent}" + (f" (pid {pid})" if pid else "") + "; stop it first") from None
+                                f"{sdir.parent} (pid {holder}); stop it first")
         yield
-    finally:
-        f.close()
-
-
-def _state_pid(sdir: Path) -> int | None:
-    try:
-        return json.loads((sdir / STATE_FILE).read_text())["serve_pid"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 class _Stop(Exception):

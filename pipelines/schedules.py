@@ -19,16 +19,13 @@ without writing anything.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from prefect import flow, get_run_logger
 
 from woolocal_ingest.errors import ConfigError, WoolocalError
+from woolocal_ingest.locks import try_lock
 from woolocal_ingest.schedules import INGEST_FLOW, MIGRATE_FLOW, declared_jobs
 
 LOCK_NAME = ".woolocal-schedule.lock"
@@ -42,49 +39,6 @@ def _log():
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("woolocal.schedules")
-
-
-@contextmanager
-def try_lock(path: Path) -> Iterator[bool]:
-    """A non-blocking exclusive flock on `path`: yields False (and holds nothing) when another process holds it.
-    The kernel drops it when the holder dies, so a killed run never leaves a stale lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield True
-    finally:
-        f.close()
-
-
-def ingest_params(cfg, proj) -> dict:
-    """The ingest flow's parameters for a declared project, as `woolocal ingest NAME` builds them."""
-    purpose = cfg.purpose(proj.purpose)
-    chunking = cfg.chunking(proj)
-    if purpose.dimensions is not None:
-        from woolocal_ingest.embedders import resolve_model
-
-        info = resolve_model(purpose.model)
-        if info.dim != purpose.dimensions:
-            raise ConfigError(f"purposes.{proj.purpose}.dimensions is {purpose.dimensions} but model "
-                              f"{info.name} makes {info.dim}-dim vectors")
-    c = cfg.cache
-    return dict(
-        project=proj.name, root=str(cfg.project_root(proj)), stores_root=str(cfg.stores_root(proj)),
-        model=purpose.model, backend=purpose.backend, batch_size=purpose.batch_size,
-        purpose=purpose.model_dump(mode="json"), purpose_name=proj.purpose, model_override=None,
-        backend_override=None, chunk_tokens=chunking.chunk_tokens, overlap_tokens=chunking.overlap_tokens,
-        include=list(proj.include), exclude=list(proj.exclude), python_layout=cfg.python_layout(proj),
-        cache={"enabled": c.enabled, "path": str(cfg.resolve_path(c.path)) if c.path else None, "max_mb": c.max_mb},
-    )
 
 
 def _load(config_path: str):
@@ -126,23 +80,22 @@ def scheduled_migration(config_path: str, migration: str) -> dict:
 
 def _ingest(log, config_path: str, project: str) -> dict:
     from pipelines.ingest_flow import run_ingest_flow
+    from pipelines.runtime import flow_result
+    from woolocal_ingest.ingest import ingest_params
 
     cfg = _load(config_path)
     proj = cfg.project(project)
     if proj is None:
         raise ConfigError(f"{config_path}: no project named {project!r} any more (restart `woolocal schedule serve` "
                           "after removing a scheduled project)")
-    params = ingest_params(cfg, proj)
+    params = ingest_params(cfg, proj)  # as `woolocal ingest NAME` builds them
     lock = Path(params["stores_root"]) / proj.name / LOCK_NAME
-    with try_lock(lock) as got:
-        if not got:
+    with try_lock(lock) as holder:
+        if holder is not None:
             log.warning("ingest %s: another run holds %s; skipping this one (nothing touched)", project, lock)
             return {"status": "skipped", "project": project, "reason": f"lock held: {lock}"}
-        state = run_ingest_flow(params, cfg.task_runner.model_dump())
-        if not state.is_completed():
-            state.result()  # re-raises the subflow's own error: this run fails, the old store keeps serving
-            raise WoolocalError(f"ingest {project}: flow ended {state.name}: {state.message}")
-        summary = state.result()
+        # a failed subflow re-raises its own error: this run fails, the old store keeps serving
+        summary = flow_result(run_ingest_flow(params, cfg.task_runner.model_dump()), f"ingest {project}")
     if summary["written"]:
         summary["status"] = "updated"
         log.info("ingest %s: store updated: %s (%d chunks: %d added, %d updated, %d deleted; %d embedded)", project,

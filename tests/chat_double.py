@@ -15,17 +15,21 @@ Routes: POST /v1/chat/completions, GET /v1/models, GET /health.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from http_double import HTTPDouble
+from http_double import err as _err
 
-class ChatDouble:
+
+class ChatDouble(HTTPDouble):
     """`answer`: the assistant text every request gets (streamed word by word); `model`: the model it reports;
     `api_key`: required as Bearer when set (401 otherwise); `delay_s`: sleep before the first byte of an answer;
     `stall_after`: in a stream, sleep `stall_s` after that many chunks (a server that hangs mid-answer)."""
+
+    name = "chat-double"
 
     def __init__(self, answer: str = "The spare key is held by Marguerite Oyelaran [1].", *,
                  model: str = "double-chat", api_key: str | None = None, delay_s: float = 0.0,
@@ -37,10 +41,7 @@ class ChatDouble:
         self.stall_after = stall_after
         self.stall_s = stall_s
         self._failures: deque[tuple[int, str]] = deque()
-        self._lock = threading.Lock()
-        self.requests: list[dict[str, Any]] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._n = 0
 
     # -- scripting ---------------------------------------------------------------------------------------------
@@ -58,83 +59,19 @@ class ChatDouble:
         assert reqs, "the chat double got no chat request"
         return reqs[-1]["body"]
 
-    # -- server ------------------------------------------------------------------------------------------------
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "not started"
-        return self._server.server_address[1]
+    # -- routes ------------------------------------------------------------------------------------------------
+    def _get(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        if path == "/v1/models":
+            return self._send(h, 200, {"object": "list", "data": [
+                {"id": self.model, "object": "model", "owned_by": "double"}]})
+        if path == "/health":
+            return self._send(h, 200, {"status": "ok"})
+        self._send(h, 404, _err(f"no route {path}", "invalid_request_error"))
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> "ChatDouble":
-        double = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
-
-            def do_GET(self) -> None:
-                double._record(self, None)
-                path = self.path.split("?", 1)[0]
-                if path == "/v1/models":
-                    return double._send(self, 200, {"object": "list", "data": [
-                        {"id": double.model, "object": "model", "owned_by": "double"}]})
-                if path == "/health":
-                    return double._send(self, 200, {"status": "ok"})
-                double._send(self, 404, _err(f"no route {path}", "invalid_request_error"))
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                try:
-                    body = json.loads(raw or b"null")
-                except ValueError:
-                    double._record(self, None)
-                    return double._send(self, 400, _err("body is not JSON", "invalid_request_error"))
-                double._record(self, body)
-                if self.path.split("?", 1)[0] != "/v1/chat/completions":
-                    return double._send(self, 404, _err("no such route", "invalid_request_error"))
-                double._chat(self, body)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"chat-double-{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> "ChatDouble":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    # -- internals ---------------------------------------------------------------------------------------------
-    def _record(self, h: BaseHTTPRequestHandler, body: Any) -> None:
-        with self._lock:
-            self.requests.append({"method": h.command, "path": h.path.split("?", 1)[0],
-                                  "headers": {k.lower(): v for k, v in h.headers.items()}, "body": body})
-
-    def _send(self, h: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
-        data = json.dumps(payload).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+    def _post(self, h: BaseHTTPRequestHandler, path: str, body: Any) -> None:
+        if path != "/v1/chat/completions":
+            return self._send(h, 404, _err("no such route", "invalid_request_error"))
+        self._chat(h, body)
 
     def _chat(self, h: BaseHTTPRequestHandler, body: Any) -> None:
         with self._lock:
@@ -195,6 +132,3 @@ class ChatDouble:
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-
-def _err(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -18,20 +18,24 @@ import base64
 import hashlib
 import json
 import random
-import threading
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
 
+from http_double import HTTPDouble
+from http_double import err as _err
 
-class OpenAIDouble:
+
+class OpenAIDouble(HTTPDouble):
     """Configurable: `dim`; `reply` "auto" (honour the request's encoding_format, float by default, like OpenAI),
     "float" (always float lists: a server that ignores the field) or "base64"; `shuffle` the order of `data`;
     `api_key` required as Bearer (401 otherwise); `max_inputs` (more: `too_many_status`, 400 like OpenAI);
     `reject_base64` (400 naming encoding_format); `healthy` False = /v1/models and /health answer 503;
     `models_route` False = /v1/models is 404 (a server with only /health); `zero_vectors` answers zeros."""
+
+    name = "openai-double"
 
     def __init__(self, dim: int = 8, *, model: str = "double-embed", reply: str = "auto", shuffle: bool = False,
                  api_key: str | None = None, max_inputs: int = 2048, too_many_status: int = 400,
@@ -50,10 +54,7 @@ class OpenAIDouble:
         self.zero_vectors = zero_vectors
         self._rng = random.Random(seed)
         self._failures: deque[tuple[int, float | None, str]] = deque()
-        self._lock = threading.Lock()
-        self.requests: list[dict[str, Any]] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     # -- vectors -----------------------------------------------------------------------------------------------
     def vector(self, text: Any) -> np.ndarray:
@@ -85,73 +86,23 @@ class OpenAIDouble:
         with self._lock:
             return [r for r in self.requests if r["method"] == "GET"]
 
-    # -- server ------------------------------------------------------------------------------------------------
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "not started"
-        return self._server.server_address[1]
+    # -- routes ------------------------------------------------------------------------------------------------
+    def _get(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        if path == "/v1/models" and self.models_route:
+            if not self.healthy:
+                return self._send(h, 503, _err("model is loading", "server_error"))
+            return self._send(h, 200, {"object": "list", "data": [
+                {"id": self.model, "object": "model", "owned_by": "double"}]})
+        if path == "/health":
+            if not self.healthy:
+                return self._send(h, 503, {"status": "loading"})
+            return self._send(h, 200, {"status": "ok"})
+        self._send(h, 404, _err(f"no route {path}", "invalid_request_error", code="not_found"))
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> "OpenAIDouble":
-        double = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
-
-            def do_GET(self) -> None:
-                double._record(self, None)
-                path = self.path.split("?", 1)[0]
-                if path == "/v1/models" and double.models_route:
-                    if not double.healthy:
-                        return double._send(self, 503, _err("model is loading", "server_error"))
-                    return double._send(self, 200, {"object": "list", "data": [
-                        {"id": double.model, "object": "model", "owned_by": "double"}]})
-                if path == "/health":
-                    if not double.healthy:
-                        return double._send(self, 503, {"status": "loading"})
-                    return double._send(self, 200, {"status": "ok"})
-                double._send(self, 404, _err(f"no route {path}", "invalid_request_error", code="not_found"))
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                try:
-                    body = json.loads(raw or b"null")
-                except ValueError:
-                    double._record(self, None)
-                    return double._send(self, 400, _err("body is not JSON", "invalid_request_error"))
-                double._record(self, body)
-                if self.path.split("?", 1)[0] != "/v1/embeddings":
-                    return double._send(self, 404, _err("no such route", "invalid_request_error"))
-                double._embeddings(self, body)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"openai-double-{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> "OpenAIDouble":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+    def _post(self, h: BaseHTTPRequestHandler, path: str, body: Any) -> None:
+        if path != "/v1/embeddings":
+            return self._send(h, 404, _err("no such route", "invalid_request_error"))
+        self._embeddings(h, body)
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _record(self, h: BaseHTTPRequestHandler, body: Any) -> None:
@@ -163,17 +114,6 @@ class OpenAIDouble:
             self.requests.append({"method": h.command, "path": h.path.split("?", 1)[0],
                                   "headers": {k.lower(): v for k, v in h.headers.items()},
                                   "body": body, "inputs": inputs})
-
-    def _send(self, h: BaseHTTPRequestHandler, status: int, payload: Any,
-              headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
 
     def _embeddings(self, h: BaseHTTPRequestHandler, body: Any) -> None:
         with self._lock:
@@ -221,6 +161,3 @@ def _as_list(inp: Any) -> Any:
         return [inp]
     return inp
 
-
-def _err(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -8,10 +8,8 @@ import http.client
 import json
 import random
 import shutil
-import socket
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -24,6 +22,7 @@ from woolocal_ingest.config import ChatConfig, FlowsConfig, ProjectConfig, Servi
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import _model_manifest, run_ingest
 from woolocal_ingest.stores import open_store, store_dir, write_store
+from servers import free_port, running
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample-project"
@@ -36,44 +35,9 @@ SAMPLE_ID = f"sample/{STORE}"
 # a real server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
 def serve(app):
-    """Run `app` on uvicorn at 127.0.0.1:<free port> in a thread; yield its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not t.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{port}"
-    # wait for the models (GET /health is 200 once loaded)
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    try:
-        yield base
-    finally:
-        server.should_exit = True
-        t.join(timeout=10)
-        sock.close()
+    """Run `app` on uvicorn at 127.0.0.1:<free port>; yield its base URL once its models are loaded."""
+    return running(app, wait_healthy=True)
 
 
 def make_app(config: FlowsConfig, stores_root: Path):
@@ -676,7 +640,7 @@ def test_chat_upstream_not_configured(world, embedder):
 
 
 def test_chat_upstream_down_and_env_defaults(world, embedder, monkeypatch):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     cfg = config_for(world["base"], upstream=f"http://127.0.0.1:{port}/v1", max_tokens=None, temperature=None)
     with serve(make_app(cfg, world["stores_root"])) as base:
         for stream in (False, True):

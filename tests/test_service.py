@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,7 @@ import pytest
 from pydantic import BaseModel
 
 from woolocal_ingest.config import Defaults, FlowsConfig, ServiceConfig
+from servers import running
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXTS = [
@@ -37,31 +37,6 @@ TEXTS = [
 def make_config(tmp: Path, **service) -> FlowsConfig:
     svc = {"max_body_mb": 1.0, "max_tokens_per_request": 5000, **service}
     return FlowsConfig(base_dir=tmp, defaults=Defaults(stores_root=tmp / "stores"), service=ServiceConfig(**svc))
-
-
-@contextmanager
-def running(app):
-    """A real uvicorn server for `app` on 127.0.0.1 (a free port), in a thread of this process."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        assert thread.is_alive(), "uvicorn stopped while starting"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 class Gated:

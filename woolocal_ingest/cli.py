@@ -124,30 +124,10 @@ def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no
     with _work_errors(obj, "ingest"):
         cfg = obj.config
         proj = _resolve_target(cfg, target)
-        purpose = cfg.purpose(proj.purpose)
-        params = dict(
-            project=proj.name, root=str(cfg.project_root(proj)),
-            stores_root=str(Path(stores).resolve() if stores else cfg.stores_root(proj)),
-            model=model or purpose.model, backend=backend or purpose.backend, batch_size=purpose.batch_size,
-            purpose=purpose.model_dump(mode="json"), purpose_name=proj.purpose, model_override=model,
-            backend_override=backend,
-            chunk_tokens=cfg.chunking(proj).chunk_tokens, overlap_tokens=cfg.chunking(proj).overlap_tokens,
-            include=list(proj.include), exclude=list(proj.exclude),
-            python_layout=cfg.python_layout(proj) if python_layout is None else python_layout,
-        )
-        if rebuild:
-            params["rebuild"] = True
-        params["cache"] = _cache_params(cfg, no_cache)
-        if purpose.dimensions is not None and model is None:  # an explicit --model makes its own store
-            from woolocal_ingest.embedders import resolve_model
-
-            info = resolve_model(params["model"])
-            if info.dim != purpose.dimensions:
-                from woolocal_ingest.errors import ConfigError
-
-                raise ConfigError(f"purposes.{proj.purpose}.dimensions is {purpose.dimensions} but model "
-                                  f"{info.name} makes {info.dim}-dim vectors")
         from woolocal_ingest import ingest as ingest_mod
+
+        params = ingest_mod.ingest_params(cfg, proj, stores=stores, model=model, backend=backend,
+                                          python_layout=python_layout, rebuild=rebuild, no_cache=no_cache)
 
         bar = _Bar(enabled=sys.stderr.isatty())
         ingest_mod.set_progress(bar)
@@ -185,13 +165,6 @@ def _purpose_embedder(params: dict):
     purpose = PurposeConfig(**params["purpose"])
     return embedder_for(purpose, params["purpose_name"], model=params["model_override"],
                         backend=params["backend_override"])
-
-
-def _cache_params(cfg, disabled: bool = False) -> dict:
-    """flows.yaml's `cache` as the plain dict ingest takes (its path made absolute against flows.yaml's folder)."""
-    c = cfg.cache
-    return {"enabled": c.enabled and not disabled, "path": str(cfg.resolve_path(c.path)) if c.path else None,
-            "max_mb": c.max_mb}
 
 
 def _run_flow(params: dict, base_dir: Path, verbose: bool, task_runner: dict | None = None) -> dict:

@@ -289,6 +289,12 @@ class FlowsConfig(_Strict):
     def purpose(self, name: str) -> PurposeConfig:
         return self.purposes[name]
 
+    def cache_settings(self, disabled: bool = False) -> dict:
+        """`cache` as the plain dict ingest and migrate take (its path made absolute against flows.yaml's folder)."""
+        c = self.cache
+        return {"enabled": c.enabled and not disabled, "path": str(self.resolve_path(c.path)) if c.path else None,
+                "max_mb": c.max_mb}
+
     def migration(self, name: str) -> MigrationConfig | None:
         """The declared migration called `name`, or None."""
         return next((m for m in self.migrations if m.name == name), None)

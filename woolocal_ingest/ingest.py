@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from woolocal_ingest.documents import Skipped, discover, parse, read_source
 from woolocal_ingest.embedders.base import Embedder
 from woolocal_ingest.errors import DocumentError, ModelChangedError, StoreError, WoolocalError
 from woolocal_ingest.stores import Store, is_store, store_dir, write_store
+
+if TYPE_CHECKING:  # pragma: no cover
+    from woolocal_ingest.config import FlowsConfig, ProjectConfig
 
 EMBED_TASK_SIZE = 512  # chunks per embedding task: coarse, so per-task orchestration cost hides under the model
 LOAD_GROUP_BYTES = 1 << 20  # raw bytes per load+chunk task: several groups, so chunking overlaps embedding
@@ -120,6 +123,37 @@ def _model_manifest(embedder: Embedder) -> dict:
     quant = getattr(embedder, "quantization", None)
     return {**info.to_manifest(), "backend": embedder.backend, "files_sha256": info.files_sha256(),
             "quantization": str(quant) if quant else None}
+
+
+def ingest_params(cfg: "FlowsConfig", proj: "ProjectConfig", *, stores: str | Path | None = None,
+                  model: str | None = None, backend: str | None = None, python_layout: bool | None = None,
+                  rebuild: bool = False, no_cache: bool = False) -> dict:
+    """The ingest flow's parameters for a project of flows.yaml (what `woolocal ingest` and a scheduled run send);
+    the keyword arguments are the command line's overrides. Checks the purpose's `dimensions` against its model (an
+    explicit `model` makes its own store and skips it)."""
+    purpose = cfg.purpose(proj.purpose)
+    chunking = cfg.chunking(proj)
+    params = dict(
+        project=proj.name, root=str(cfg.project_root(proj)),
+        stores_root=str(Path(stores).resolve() if stores else cfg.stores_root(proj)),
+        model=model or purpose.model, backend=backend or purpose.backend, batch_size=purpose.batch_size,
+        purpose=purpose.model_dump(mode="json"), purpose_name=proj.purpose, model_override=model,
+        backend_override=backend, chunk_tokens=chunking.chunk_tokens, overlap_tokens=chunking.overlap_tokens,
+        include=list(proj.include), exclude=list(proj.exclude),
+        python_layout=cfg.python_layout(proj) if python_layout is None else python_layout,
+        cache=cfg.cache_settings(no_cache),
+    )
+    if rebuild:
+        params["rebuild"] = True
+    if purpose.dimensions is not None and model is None:
+        from woolocal_ingest.embedders import resolve_model
+        from woolocal_ingest.errors import ConfigError
+
+        info = resolve_model(params["model"])
+        if info.dim != purpose.dimensions:
+            raise ConfigError(f"purposes.{proj.purpose}.dimensions is {purpose.dimensions} but model "
+                              f"{info.name} makes {info.dim}-dim vectors")
+    return params
 
 
 def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,

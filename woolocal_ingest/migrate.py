@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import fcntl
 import hashlib
 import json
 import os
@@ -57,6 +56,7 @@ import numpy as np
 from woolocal_ingest.chunking import Chunk
 from woolocal_ingest.errors import ModelNotFoundError, StoreError, WoolocalError
 from woolocal_ingest.legacy import LegacyStore, Problem, read_legacy_store
+from woolocal_ingest.locks import try_lock
 from woolocal_ingest.stores import (
     INDEX_JS, MANIFEST, PARQUET, _NAME_RE, _fsync_dir, _fsync_file, _json_safe, _json_safe_value, _rename_exchange,
     _sha256_file, is_store, store_dir, verify_store, write_store,
@@ -278,21 +278,12 @@ def _target_lock(target: Path) -> Iterator[None]:
     """Exclusive, non-blocking flock on `.<target>.migrate.lock`: a second run of the same target fails at once.
     The kernel releases it when the process ends, however it ends (kill -9 included)."""
     lock = _lock_path(target)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+    with try_lock(lock) as holder:
+        if holder is not None:
             raise MigrationLockedError(
                 f"{target}: another migration of this store is running (pid {holder} holds {lock}); runs of one store "
-                "never overlap - run again when it has finished") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                "never overlap - run again when it has finished")
         yield
-    finally:
-        os.close(fd)
 
 
 def backups(path: Path) -> list[Path]:
@@ -346,16 +337,7 @@ def rollback(path: Path) -> Path:
                             "beside it, made by `woolocal migrate --in-place`)")
     newest = found[-1]
     with _target_lock(path):
-        if path.exists():
-            aside = _free_name(path.parent, f"{path.name}{ROLLED_BACK_TAG}{_stamp()}")
-            if _rename_exchange(newest, path):
-                os.rename(newest, aside)
-            else:
-                os.rename(path, aside)
-                os.rename(newest, path)
-        else:
-            os.rename(newest, path)
-        _fsync_dir(path.parent)
+        _put_back(path, newest, f"{path.name}{ROLLED_BACK_TAG}{_stamp()}")
     return path
 
 
@@ -634,10 +616,7 @@ def _embed_all(plan: _Plan, emb: "Embedder", config: "FlowsConfig", progress: Pr
             summary.resumed_batches += 1
     if progress:
         progress("total+", sum(len(groups[b]) for b in todo))
-    cache = config.cache
-    cache_cfg = {"enabled": cache.enabled, "path": str(config.resolve_path(cache.path)) if cache.path else None,
-                 "max_mb": cache.max_mb}
-    cached = with_cache(emb, config.stores_root(), cache_cfg)
+    cached = with_cache(emb, config.stores_root(), config.cache_settings())
     generation = getattr(emb, "generation", 0)
     for b in todo:
         idx = groups[b]
@@ -946,7 +925,7 @@ def migrate_store(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
         after = verify_store(target)
         if after:
             if backup:
-                _restore(target, backup[0])
+                _put_back(target, backup[0], f".{target.name}.failed-{_stamp()}")
             raise MigrationVerifyError(f"{target}: the swapped-in store failed verification"
                                        + (f"; the previous store was restored from {backup[0]}" if backup else "")
                                        + ": " + "; ".join(after))
@@ -965,14 +944,18 @@ def migrate_store(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
     return summary
 
 
-def _restore(target: Path, backup: Path) -> None:
-    """Put `backup` back at `target` (the lock is already held); the bad store is moved aside."""
-    aside = _free_name(target.parent, f".{target.name}.failed-{_stamp()}")
-    if _rename_exchange(backup, target):
-        os.rename(backup, aside)
-    else:
-        os.rename(target, aside)
+def _put_back(target: Path, backup: Path, aside_name: str) -> None:
+    """Put `backup` back at `target` (the caller holds the lock), atomically where the system can swap folders; the
+    store it replaces, if any, is moved aside as `aside_name` (a free variant of it)."""
+    if not target.exists():
         os.rename(backup, target)
+    else:
+        aside = _free_name(target.parent, aside_name)
+        if _rename_exchange(backup, target):
+            os.rename(backup, aside)
+        else:
+            os.rename(target, aside)
+            os.rename(backup, target)
     _fsync_dir(target.parent)
 
 
