@@ -18,6 +18,7 @@ from woolocal_ingest import ingest
 from woolocal_ingest.chunking import ChunkSettings
 from woolocal_ingest.embedders import load_embedder
 from woolocal_ingest.errors import WoolocalError
+from woolocal_ingest.stores import StoreChangedError
 
 SHARDS_PREFIX = ".shards-"  # <stores_root>/<project>/.shards-<flow-run-id>/: a dask run's vectors, one .npy per shard
 
@@ -222,27 +223,31 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
         path = shard_dir / f"shard-{len(shards):05d}.npy"
         shards.append((embed_shard_task.submit(part, str(path), *m, stores_root, cache), len(part)))
 
+    def embed_new(new: list[str]) -> None:
+        nonlocal cached, pending, t_embed
+        ingest._emit("total+", len(new))
+        texts.extend(new)
+        t = time.perf_counter()
+        if shard_dir is None:
+            for b in ingest.batched(new, ingest.EMBED_TASK_SIZE):
+                v, hits = embed_task(list(b), *m, stores_root, cache)
+                vectors.append(v)
+                cached += hits
+        else:  # shards start as soon as a shard's worth of texts is known, while later groups still load
+            pending += new
+            while len(pending) >= shard_chunks:
+                submit_shard(pending[:shard_chunks])
+                pending = pending[shard_chunks:]
+        t_embed += time.perf_counter() - t
+
     try:
+        embed_new(ingest.adopted_texts(plan, seen))  # rows other writers added or rewrote: our model's vectors
         for f in futures:
             t = time.perf_counter()
             group = f.result()  # a failed task raises here and fails the flow
             t_wait += time.perf_counter() - t
             loaded.append(group)
-            new = ingest.texts_to_embed(plan, group, seen)
-            ingest._emit("total+", len(new))
-            texts += new
-            t = time.perf_counter()
-            if shard_dir is None:
-                for b in ingest.batched(new, ingest.EMBED_TASK_SIZE):
-                    v, hits = embed_task(list(b), *m, stores_root, cache)
-                    vectors.append(v)
-                    cached += hits
-            else:  # shards start as soon as a shard's worth of texts is known, while later groups still load
-                pending += new
-                while len(pending) >= shard_chunks:
-                    submit_shard(pending[:shard_chunks])
-                    pending = pending[shard_chunks:]
-            t_embed += time.perf_counter() - t
+            embed_new(ingest.texts_to_embed(plan, group, seen))
         if shard_dir is not None:
             t = time.perf_counter()
             if pending:
@@ -266,7 +271,15 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
             return ingest.run_ingest(project, Path(root), Path(stores_root), _embedder(*m),
                                      ChunkSettings(chunk_tokens, overlap_tokens), tuple(include or DEFAULT_INCLUDE),
                                      tuple(exclude or DEFAULT_EXCLUDE), python_layout, True, cache).to_dict()
-        summary = write_task(plan, loaded, texts, vectors, *m)
+        try:
+            summary = write_task(plan, loaded, texts, vectors, *m)
+        except StoreChangedError:
+            # Wooster (or another writer) saved into the store while this run worked: nothing was swapped in.
+            # Plan again and adopt its write, in this process (the embedding cache serves what is already done).
+            log.warning("%s: the store was written by another program during the run; adopting that write", project)
+            return ingest.run_ingest(project, Path(root), Path(stores_root), _embedder(*m),
+                                     ChunkSettings(chunk_tokens, overlap_tokens), tuple(include or DEFAULT_INCLUDE),
+                                     tuple(exclude or DEFAULT_EXCLUDE), python_layout, rebuild, cache).to_dict()
     except BaseException:
         _discard([f for f, _ in shards])
         raise

@@ -17,7 +17,8 @@ import pytest
 from woolocal_ingest.chunking import Chunk, ChunkSettings
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import run_ingest
-from woolocal_ingest.stores import open_store, write_store
+from woolocal_ingest.api import open_store
+from woolocal_ingest.stores import write_store
 
 REPO = Path(__file__).resolve().parent.parent
 DIM = 384

@@ -17,7 +17,7 @@ from woolocal_ingest.config import FlowsConfig
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.errors import DimensionMismatchError
 from woolocal_ingest.ingest import run_ingest
-from woolocal_ingest.stores import open_store
+from woolocal_ingest.api import open_store
 
 REPO = Path(__file__).resolve().parent.parent
 FACTS = json.loads((REPO / "data" / "sample-facts.json").read_text(encoding="utf-8"))

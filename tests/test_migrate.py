@@ -25,7 +25,8 @@ from click.testing import CliRunner
 from woolocal_ingest import migrate
 from woolocal_ingest.cli import main
 from woolocal_ingest.config import PurposeConfig, load_config
-from woolocal_ingest.stores import Store, open_store, verify_store
+from woolocal_ingest.api import open_store
+from woolocal_ingest.stores import Store, verify_store
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("WOOLOCAL_SHARED", REPO.parent / "shared"))

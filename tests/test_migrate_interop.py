@@ -15,7 +15,8 @@ from test_interop import QUESTIONS, assert_same_ranking, check_store, langchain_
 from test_migrate import FIX, check_rows_against_source, expected_rows, make_js_store, tree_hash, write_config
 from woolocal_ingest import migrate
 from woolocal_ingest.config import load_config
-from woolocal_ingest.stores import open_store, verify_store
+from woolocal_ingest.api import open_store
+from woolocal_ingest.stores import verify_store
 
 pytestmark = pytest.mark.skipif(not FIX.is_dir(), reason=f"shared fixtures not found at {FIX} (set WOOLOCAL_SHARED)")
 K = 5

@@ -21,7 +21,8 @@ from woolocal_ingest.chunking import Chunk, ChunkSettings
 from woolocal_ingest.config import ChatConfig, FlowsConfig, ProjectConfig, ServiceConfig
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import _model_manifest, run_ingest
-from woolocal_ingest.stores import open_store, store_dir, write_store
+from woolocal_ingest.api import open_store
+from woolocal_ingest.stores import store_dir, write_store
 from servers import free_port, running
 
 REPO = Path(__file__).resolve().parent.parent

@@ -154,7 +154,7 @@ def test_real_mpnet_768_store_end_to_end(tmp_path):
     s = run_ingest("p", proj, tmp_path / "stores", load_embedder("sentence-transformers/all-mpnet-base-v2"),
                    ChunkSettings(), DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
     assert Path(s.store).name == "all-mpnet-base-v2-768d" and s.dim == 768
-    assert Store(Path(s.store)).search("when is the compost turned?", k=1)[0].source == "a.md"
+    assert open_store(Path(s.store)).search("when is the compost turned?", k=1)[0].source == "a.md"
 
 
 @pytest.mark.parametrize("backend", ["sentence-transformers", "onnx"])

@@ -3,7 +3,8 @@
 from woolocal_ingest.errors import (
     ConfigError, DimensionMismatchError, DocumentError, ModelNotFoundError, StoreError, StoreNotFoundError, WoolocalError,
 )
-from woolocal_ingest.stores import SearchHit, Store, open_store
+from woolocal_ingest.api import open_store
+from woolocal_ingest.stores import SearchHit, Store
 
 __version__ = "0.1.0"
 __all__ = [

@@ -181,6 +181,8 @@ def _run_flow(params: dict, base_dir: Path, verbose: bool, task_runner: dict | N
 
 
 def _print_ingest_summary(s: dict) -> None:
+    from woolocal_ingest.coowned import Adoption
+
     t = s.get("timings", {})
     emb_t = t.get("embed") or 0.0
     rate = f" ({s['embedded'] / emb_t:.1f} chunks/s)" if s["embedded"] and emb_t else ""
@@ -195,6 +197,11 @@ def _print_ingest_summary(s: dict) -> None:
         f"  files    {f['found']} found, {f['loaded']} loaded, {f['unchanged']} unchanged, {f['deleted']} deleted, "
         f"{f['skipped']} skipped",
     ]
+    adoption = s.get("adoption") or {}
+    if adoption.get("outside") or adoption.get("kept"):
+        lines.append("  others   " + Adoption(**adoption).line())
+    if s.get("backup"):
+        lines.append(f"  backup   the unreadable previous store was kept at {s['backup']}")
     for sk in s["skipped_files"][:20]:
         lines.append(f"  skipped  {sk['source']}: {sk['reason']}")
     if s["skipped"] > 20:
@@ -337,7 +344,7 @@ def _parse_filter(items: tuple[str, ...]) -> dict | None:
 @click.pass_obj
 def query(obj: _Ctx, store, text, k, filters, stores, as_json):
     """Search STORE (a store folder, or a project name) for TEXT."""
-    from woolocal_ingest.stores import open_store
+    from woolocal_ingest.api import open_store
 
     flt = _parse_filter(filters)
     try:
@@ -473,14 +480,15 @@ def _stores_root(obj: _Ctx, stores_dir: str | None) -> Path:
 @click.pass_obj
 def stores_list(obj: _Ctx, stores_dir, as_json):
     """Every store under the stores root."""
-    from woolocal_ingest.stores import _read_manifest, list_stores
+    from woolocal_ingest.manifest import read_manifest
+    from woolocal_ingest.stores import list_stores
 
     try:
         root = _stores_root(obj, stores_dir)
         rows = []
         for p in list_stores(root):
             try:
-                m = _read_manifest(p)
+                m = read_manifest(p)
                 rows.append({"store": str(p), "project": m.get("project"), "model": m.get("model", {}).get("name"),
                              "dim": m.get("dim"), "count": m.get("count"), "created": m.get("created")})
             except WoolocalError as e:
@@ -500,7 +508,7 @@ def stores_list(obj: _Ctx, stores_dir, as_json):
 
 
 def _store_path(obj: _Ctx, store: str, stores_dir: str | None) -> Path:
-    from woolocal_ingest.stores import open_store
+    from woolocal_ingest.api import find_store
 
     p = Path(store)
     if (p / "manifest.json").is_file():
@@ -509,7 +517,7 @@ def _store_path(obj: _Ctx, store: str, stores_dir: str | None) -> Path:
     if root is None and not p.exists():
         cfg = obj.config
         root = cfg.stores_root(cfg.project(store))
-    return open_store(store, stores_root=root).path
+    return find_store(store, stores_root=root)
 
 
 @stores.command("inspect")
@@ -519,15 +527,15 @@ def _store_path(obj: _Ctx, store: str, stores_dir: str | None) -> Path:
 @click.pass_obj
 def stores_inspect(obj: _Ctx, store, stores_dir, as_json):
     """Show a store's manifest."""
-    from woolocal_ingest.stores import _read_manifest
+    from woolocal_ingest.manifest import read_manifest
 
     try:
         path = _store_path(obj, store, stores_dir)
-        m = _read_manifest(path)
+        m = read_manifest(path)
     except WoolocalError as e:
         raise _fail(e)
     if as_json:
-        _emit_json({"store": str(path), "manifest": m})
+        _emit_json({"store": str(path), "manifest": m.to_dict()})
         return
     model = m.get("model", {})
     src = m.get("source", {})
@@ -545,6 +553,7 @@ def stores_inspect(obj: _Ctx, store, stores_dir, as_json):
 @click.pass_obj
 def stores_verify(obj: _Ctx, store, stores_dir, as_json):
     """Check a store (or every store) against its manifest; exits 1 when any problem is found."""
+    from woolocal_ingest.coowned import read_current
     from woolocal_ingest.stores import list_stores, verify_store
 
     try:
@@ -552,12 +561,21 @@ def stores_verify(obj: _Ctx, store, stores_dir, as_json):
     except WoolocalError as e:
         raise _fail(e)
     results = {str(p): verify_store(p) for p in paths}
+    drift: dict[str, list] = {}
+    for p in paths:
+        if not results[str(p)]:  # sound: say what other writers (Wooster, LangChain Python) changed since our run
+            try:
+                drift[str(p)] = [d for d in read_current(p).drifts if d.changed]
+            except WoolocalError as e:
+                results[str(p)] = [str(e)]
     bad = sum(1 for v in results.values() if v)
     if as_json:
-        _emit_json({"ok": bad == 0, "stores": results})
+        _emit_json({"ok": bad == 0, "stores": results,
+                    "drift": {p: [d.to_dict() for d in ds] for p, ds in drift.items()}})
     else:
         for p, probs in results.items():
-            click.echo(f"{'ok  ' if not probs else 'FAIL'} {p}" + "".join(f"\n     - {x}" for x in probs))
+            notes = "".join(f"\n     {d.describe()} (adopted by the next ingest or migration)" for d in drift.get(p, []))
+            click.echo(f"{'ok  ' if not probs else 'FAIL'} {p}" + "".join(f"\n     - {x}" for x in probs) + notes)
         click.echo(f"{len(results) - bad} ok, {bad} with problems", err=True)
     if bad or not paths:
         raise click.exceptions.Exit(1)

@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from woolocal_ingest.chunking import CHUNKER_VERSION, Chunk, ChunkSettings, chunk_document, effective_settings
+from woolocal_ingest.chunking import CHUNKER_VERSION, Chunk, ChunkSettings, chunk_document, chunk_id, effective_settings
+from woolocal_ingest.coowned import Adoption, CurrentStore, read_current
 from woolocal_ingest.documents import Skipped, discover, parse, read_source
 from woolocal_ingest.embedders.base import Embedder
 from woolocal_ingest.errors import DocumentError, ModelChangedError, StoreError, WoolocalError
-from woolocal_ingest.stores import Store, is_store, store_dir, write_store
+from woolocal_ingest.fsutil import make_backup
+from woolocal_ingest.manifest import read_manifest
+from woolocal_ingest.stores import StoreChangedError, read_record, store_dir, write_store
 
 if TYPE_CHECKING:  # pragma: no cover
     from woolocal_ingest.config import FlowsConfig, ProjectConfig
@@ -61,6 +64,12 @@ class IngestPlan:
     previous: str | None  # previous store folder, if any
     reuse_vectors: bool  # previous store was embedded by the very same model files
     reusable: frozenset[str] = frozenset()  # text sha256s whose vectors the previous store already holds
+    kept: list[Chunk] = field(default_factory=list)  # rows carried over: unchanged files' and other writers'
+    outside_ids: frozenset[str] = frozenset()  # of `kept`: rows another writer added or rewrote (adopted now)
+    other_writers: frozenset[str] = frozenset()  # of `kept`: rows that are not chunks of the folder's files
+    adoption: Adoption = field(default_factory=Adoption)
+    snapshot: dict | None = None  # identity of the previous store's LangChain files when read (races show)
+    unreadable: str | None = None  # why the previous store could not be read (only with rebuild: kept as a backup)
 
     def load_groups(self, max_bytes: int = LOAD_GROUP_BYTES) -> list[list[str]]:
         """`to_load` cut into groups of about `max_bytes` of files each (one load+chunk task per group)."""
@@ -110,6 +119,8 @@ class IngestSummary:
     files: dict = field(default_factory=dict)
     skipped_files: list[dict] = field(default_factory=list)  # {source, reason} for each file skipped
     written: bool = False
+    adoption: dict = field(default_factory=dict)  # Adoption.to_dict(): rows other writers added, deleted, rewrote
+    backup: str | None = None  # where an unreadable previous store was kept (--rebuild)
     timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -186,42 +197,93 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
     reuse = False
     reusable: frozenset[str] = frozenset()
     same_chunking = False
-    if is_store(target):
+    current: CurrentStore | None = None
+    unreadable: str | None = None
+    if target.exists() and any(target.iterdir()):
         try:
-            prev = Store(target)
-        except StoreError:
-            prev = None  # unreadable previous version: rebuild everything (it is replaced atomically)
-        if prev is not None:
-            previous = str(target)
-            prev_files = prev.manifest.get("source", {}).get("files", {})
-            prev_model = prev.manifest.get("model", {})
-            reuse = (prev_model.get("files_sha256"), prev_model.get("quantization")) == (
-                model["files_sha256"], model["quantization"])
-            if not reuse and not rebuild:
-                raise ModelChangedError(
-                    f"{target}: was embedded by model files sha256 {prev_model.get('files_sha256')} (quantization "
-                    f"{prev_model.get('quantization')}) but {embedder.model_name} at {embedder.info.path} is now "
-                    f"{model['files_sha256']} (quantization {model['quantization']}); "
-                    "refusing to append with a changed model. Re-embed the whole store with --rebuild.")
-            reusable = frozenset(prev._rows["sha256"]) if reuse else frozenset()
-            same_chunking = prev.manifest.get("chunking") == chunking and reuse
+            current = read_current(target)
+        except StoreError as e:
+            if not rebuild:
+                raise StoreError(
+                    f"{target}: the previous store cannot be read, so nothing was changed: {e}. Run again with "
+                    f"--rebuild to re-embed everything; the unreadable version is then kept as "
+                    f"{target.name}.bak-<UTC time> beside it") from None
+            unreadable = str(e)
+    if current is not None:
+        previous = str(target)
+        prev_files = current.manifest.source_files
+        prev_model = current.manifest.model
+        reuse = (prev_model.get("files_sha256"), prev_model.get("quantization")) == (
+            model["files_sha256"], model["quantization"])
+        if not reuse and not rebuild:
+            raise ModelChangedError(
+                f"{target}: was embedded by model files sha256 {prev_model.get('files_sha256')} (quantization "
+                f"{prev_model.get('quantization')}) but {embedder.model_name} at {embedder.info.path} is now "
+                f"{model['files_sha256']} (quantization {model['quantization']}); "
+                "refusing to append with a changed model. Re-embed the whole store with --rebuild.")
+        reusable = frozenset(current.record.by_sha) if reuse else frozenset()
+        same_chunking = current.manifest.chunking == chunking and reuse
     # A file that is there but unreadable this time keeps its previous chunks: a failed read loses nothing. That
     # holds for a file inside a folder that could not be listed (permission denied, a stale mount) too, but not for
     # a folder left out only because it was already walked through another path. Old chunks are only kept when
     # they were embedded by these very model files (otherwise their vectors would not fit the rest of the store).
-    unreadable = {s.source for s in skipped if "already walked" not in s.reason}
-    dirs = tuple("" if u in ("", ".") else u + "/" for u in unreadable)
-    kept = [r for r in prev_files if r not in file_sha and (r in unreadable or r.startswith(dirs))] if reuse else []
+    unreadable_files = {s.source for s in skipped if "already walked" not in s.reason}
+    dirs = tuple("" if u in ("", ".") else u + "/" for u in unreadable_files)
+    kept_files = [r for r in prev_files if r not in file_sha and (r in unreadable_files or r.startswith(dirs))] \
+        if reuse else []
     if same_chunking:
         to_load = [r for r, sha in file_sha.items() if prev_files.get(r) != sha]
-        unchanged = [r for r, sha in file_sha.items() if prev_files.get(r) == sha] + kept
+        unchanged = [r for r, sha in file_sha.items() if prev_files.get(r) == sha] + kept_files
     else:
-        to_load, unchanged = sorted(file_sha), kept
-    deleted = sorted(r for r in prev_files if r not in file_sha and r not in kept) if previous else []
+        to_load, unchanged = sorted(file_sha), kept_files
+    deleted = sorted(r for r in prev_files if r not in file_sha and r not in kept_files) if previous else []
+    kept, adoption, outside, others = _carry_over(current, prev_files, set(unchanged), reuse)
     return IngestPlan(project=project, root=root, target=target, model=model, chunking=chunking,
                       python_layout=python_layout, to_load=sorted(to_load), file_sha=file_sha,
                       unchanged=sorted(unchanged), deleted=deleted, skipped=skipped, previous=previous,
-                      reuse_vectors=reuse, reusable=reusable)
+                      reuse_vectors=reuse, reusable=reusable, kept=kept, outside_ids=frozenset(outside),
+                      other_writers=frozenset(others), adoption=adoption,
+                      snapshot=current.snapshot if current is not None else None, unreadable=unreadable)
+
+
+def _is_folder_chunk(c: Chunk, files: dict[str, str]) -> bool:
+    """A row this project's ingest wrote for one of the folder's files (its id is derived from source and index);
+    other writers' rows (Wooster's uuids, LangChain Python's) are not."""
+    return c.source in files and c.id == chunk_id(c.source, c.chunk)
+
+
+def _carry_over(current: CurrentStore | None, prev_files: dict[str, str], unchanged: set[str],
+                reuse: bool) -> tuple[list[Chunk], Adoption, set[str], set[str]]:
+    """Rows the next version keeps from the previous one, before any file is re-read: the rows of unchanged files
+    (as other writers rewrote them; the ones they deleted restored, since the folder is the truth for its files)
+    and every row of other writers (added or rewritten since our last run: adopted). Returns (rows, adoption,
+    ids adopted now, ids of other writers' rows)."""
+    adoption = Adoption()
+    if current is None:
+        return [], adoption, set(), set()
+    adoption.outside = [d.to_dict() for d in current.drifts if d.changed]
+    now = {c.id: c for c in current.rows}
+    changed = current.outside_ids()
+    ours = [c for c in current.record.chunks if _is_folder_chunk(c, prev_files)]
+    our_ids = {c.id for c in ours}
+    kept: list[Chunk] = []
+    for c in ours:
+        if c.source not in unchanged:
+            continue
+        if c.id in now:
+            kept.append(now[c.id])
+        else:
+            kept.append(c)  # deleted outside, but the file still has it: written back
+            adoption.restored += 1
+    others = [c for c in current.rows if c.id not in our_ids]
+    kept += others
+    adopted = {c.id for c in kept if c.id in changed}
+    adoption.adopted = len(adopted)
+    adoption.kept = len(others)
+    adoption.reembedded = sum(1 for c in kept if not (reuse and current.trusted(c)))
+    gone = {i for d in current.drifts for i in d.deleted}
+    adoption.stayed_deleted = sum(1 for i in gone if i not in our_ids)
+    return kept, adoption, adopted, {c.id for c in others}
 
 
 def load_and_chunk(root: Path, rels: Sequence[str], embedder: Embedder, settings: ChunkSettings) -> Loaded:
@@ -268,105 +330,111 @@ def padding_waste(embedder: Embedder) -> float:
 
 def texts_to_embed(plan: IngestPlan, group: Loaded, seen: set[str]) -> list[str]:
     """Texts of `group`'s chunks that neither the previous store nor an earlier group (`seen`, updated) covers."""
+    return _new_texts(plan, group.chunks, seen)
+
+
+def adopted_texts(plan: IngestPlan, seen: set[str]) -> list[str]:
+    """Texts of carried-over rows with no vector of ours (other writers' rows, rows of unchanged files that they
+    rewrote): embedded again with the store's own model, so a store never holds vectors of unknown origin."""
+    return _new_texts(plan, plan.kept, seen)
+
+
+def _new_texts(plan: IngestPlan, chunks: Sequence[Chunk], seen: set[str]) -> list[str]:
     out = []
-    for c in group.chunks:
+    for c in chunks:
         if c.sha256 not in plan.reusable and c.sha256 not in seen:
             seen.add(c.sha256)
             out.append(c.text)
     return out
 
 
-def _previous_vectors_by_sha(plan: IngestPlan) -> tuple[dict[str, int], Store | None]:
-    if plan.previous is None:
-        return {}, None
-    prev = Store(Path(plan.previous))
-    by_sha: dict[str, int] = {}
-    for row, sha in enumerate(prev._rows["sha256"]):
-        by_sha.setdefault(sha, row)
-    return by_sha, prev
-
-
 def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Sequence[str],
                        new_vectors: Sequence[np.ndarray], embedder: Embedder) -> IngestSummary:
-    """Combine kept rows, reused and new vectors into the next version of the store and write it atomically."""
+    """Combine carried-over rows, reused and new vectors into the next version of the store and write it atomically.
+
+    The write is refused (StoreChangedError) if another writer changed the store since `plan` read it."""
     t0 = time.perf_counter()
     choice = getattr(embedder, "choice", None)
     summary = IngestSummary(project=plan.project, store=str(plan.target), model=embedder.model_name,
                             backend=embedder.backend, dim=embedder.dim, backend_reason=choice.reason if choice else "")
-    by_sha, prev = _previous_vectors_by_sha(plan)
-    prev_vectors = prev.vectors() if prev is not None else np.zeros((0, embedder.dim), np.float32)
-    prev_chunks = prev.chunks() if prev is not None else []
+    record = read_record(Path(plan.previous)) if plan.previous is not None else None
+    prev_chunks = list(record.chunks) if record is not None else []
     new_vecs = np.concatenate(list(new_vectors)) if len(new_vectors) else np.zeros((0, embedder.dim), np.float32)
     if new_vecs.shape[0] != len(new_texts):
         raise WoolocalError(f"embedding returned {new_vecs.shape[0]} vectors for {len(new_texts)} texts")
     fresh = {Chunk.text_sha256(t): i for i, t in enumerate(new_texts)}
 
+    def vector(c: Chunk) -> np.ndarray:
+        if c.sha256 in fresh:
+            return new_vecs[fresh[c.sha256]]
+        if plan.reuse_vectors and record is not None and c.sha256 in record.by_sha:
+            return record.vectors[record.by_sha[c.sha256]]
+        raise WoolocalError(f"{c.source or c.id} chunk {c.chunk}: no vector (embedding step incomplete)")
+
     skipped = list(plan.skipped)
     file_sha = {r: plan.file_sha[r] for r in plan.unchanged if r in plan.file_sha}
-    prev_files = prev.manifest.get("source", {}).get("files", {}) if prev is not None else {}
+    prev_manifest = read_manifest(Path(plan.previous)) if plan.previous is not None else None
+    prev_files = prev_manifest.source_files if prev_manifest is not None else {}
     for r in plan.unchanged:
         file_sha.setdefault(r, prev_files.get(r, ""))
+    prev_ids = {c.id: c for c in prev_chunks}
     chunks: list[Chunk] = []
-    rows: list[np.ndarray] = []
     unchanged_sources = set(plan.unchanged)
-    prev_by_source: dict[str, list[int]] = {}
-    for i, c in enumerate(prev_chunks):
-        prev_by_source.setdefault(c.source, []).append(i)
-    for src in sorted(unchanged_sources):
-        for i in prev_by_source.get(src, []):
-            chunks.append(prev_chunks[i])
-            rows.append(prev_vectors[i])
+    for c in plan.kept:
+        chunks.append(c)
+        if c.id in plan.other_writers:
+            continue
+        old = prev_ids.get(c.id)
+        if old is not None and old.sha256 == c.sha256 and old.metadata == c.metadata:
             summary.unchanged += 1
+        else:
+            summary.updated += 1
     loaded_sources: set[str] = set()
     for group in loaded:
         skipped += group.skipped
         file_sha.update(group.file_sha)
         loaded_sources.update(group.file_sha)
         for c in group.chunks:
-            if c.sha256 in fresh:
-                rows.append(new_vecs[fresh[c.sha256]])
-            elif plan.reuse_vectors and c.sha256 in by_sha:
-                rows.append(prev_vectors[by_sha[c.sha256]])
+            if c.sha256 not in fresh and plan.reuse_vectors and c.sha256 in plan.reusable:
                 summary.reused += 1
-            else:
-                raise WoolocalError(f"{c.source} chunk {c.chunk}: no vector (embedding step incomplete)")
             chunks.append(c)
+            old = prev_ids.get(c.id)
+            if old is None:
+                summary.added += 1
+            elif old.sha256 == c.sha256 and old.metadata == c.metadata:
+                summary.unchanged += 1
+            else:
+                summary.updated += 1
     summary.embedded = len(new_texts)
-    # Per-chunk-id accounting against the previous version.
-    prev_ids = {c.id: c for c in prev_chunks}
-    for c in chunks:
-        if c.source in unchanged_sources:
-            continue
-        old = prev_ids.get(c.id)
-        if old is None:
-            summary.added += 1
-        elif old.sha256 == c.sha256 and old.metadata == c.metadata:
-            summary.unchanged += 1
-        else:
-            summary.updated += 1
     new_ids = {c.id for c in chunks}
     # Files that failed to load now but were in the previous store keep their chunks (nothing is lost).
+    prev_by_source: dict[str, list[Chunk]] = {}
+    for c in prev_chunks:
+        prev_by_source.setdefault(c.source, []).append(c)
     for s in skipped:
         if (plan.reuse_vectors and s.source in prev_by_source and s.source not in unchanged_sources
                 and s.source not in loaded_sources):
-            for i in prev_by_source[s.source]:
-                if prev_chunks[i].id not in new_ids:
-                    chunks.append(prev_chunks[i])
-                    rows.append(prev_vectors[i])
-                    new_ids.add(prev_chunks[i].id)
+            for c in prev_by_source[s.source]:
+                if c.id not in new_ids:
+                    chunks.append(c)
+                    new_ids.add(c.id)
                     summary.unchanged += 1
             file_sha[s.source] = prev_files.get(s.source, "")
-    summary.deleted = sum(1 for c in prev_chunks if c.id not in new_ids)
-    order = sorted(range(len(chunks)), key=lambda i: (chunks[i].source, chunks[i].chunk))
-    chunks = [chunks[i] for i in order]
-    vectors = np.stack([rows[i] for i in order]) if rows else np.zeros((0, embedder.dim), np.float32)
+    # Rows of other writers go last, in their order; the folder's rows by file and position.
+    ours = sorted((c for c in chunks if c.id not in plan.other_writers), key=lambda c: (c.source, c.chunk))
+    chunks = ours + [c for c in chunks if c.id in plan.other_writers]
+    summary.deleted = sum(1 for c in prev_chunks if c.id not in new_ids and c.id not in plan.other_writers
+                          and c.source in prev_files)
+    vectors = np.stack([vector(c) for c in chunks]) if chunks else np.zeros((0, embedder.dim), np.float32)
     summary.count = len(chunks)
     summary.skipped_files = [{"source": s.source, "reason": s.reason} for s in skipped]
     summary.files = {"found": len(plan.file_sha) + len({s.source for s in plan.skipped}),
                      "loaded": len(loaded_sources), "unchanged": len(plan.unchanged), "deleted": len(plan.deleted),
                      "skipped": len({s.source for s in skipped})}
-    layout_changed = prev is not None and ("langchain-python" in prev.manifest.get("layouts", [])) != plan.python_layout
-    changed = summary.added or summary.updated or summary.deleted or prev is None or layout_changed
+    summary.adoption = plan.adoption.to_dict()
+    layout_changed = prev_manifest is not None and ("langchain-python" in prev_manifest.layouts) != plan.python_layout
+    changed = (summary.added or summary.updated or summary.deleted or plan.previous is None or layout_changed
+               or plan.adoption.outside or plan.adoption.restored or len(prev_chunks) != len(chunks))
     if changed:
         fingerprint = hashlib.sha256(json.dumps(sorted(file_sha.items())).encode()).hexdigest()
         manifest = {
@@ -376,10 +444,16 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
             "source": {"root": str(plan.root), "fingerprint": fingerprint, "files": dict(sorted(file_sha.items()))},
             "migrated_from": None,
         }
-        write_store(plan.target, chunks, vectors, manifest, python_layout=plan.python_layout)
+        if plan.unreadable is not None and plan.target.exists():
+            summary.backup = str(make_backup(plan.target))
+        write_store(plan.target, chunks, vectors, manifest, python_layout=plan.python_layout,
+                    expect=plan.snapshot if plan.previous is not None else None)
         summary.written = True
     summary.timings["write"] = round(time.perf_counter() - t0, 3)
     return summary
+
+
+RACE_ATTEMPTS = 3  # runs in a row that find the store written by another program mid-run before giving up
 
 
 def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
@@ -388,8 +462,22 @@ def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, 
     """The whole ingest in this process, without Prefect: the same steps the flow runs as tasks.
 
     With a FallbackEmbedder, a switch to the fallback mid-run re-embeds everything with it (into the fallback
-    model's own store): a store never mixes two models.
+    model's own store): a store never mixes two models. When another program (Wooster) writes into the store
+    while the run works, the run starts again and adopts that write (the embedding cache keeps it cheap).
     """
+    for attempt in range(1, RACE_ATTEMPTS + 1):
+        try:
+            return _run_ingest_once(project, root, stores_root, embedder, settings, include, exclude, python_layout,
+                                    rebuild, cache)
+        except StoreChangedError:
+            if attempt == RACE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_ingest_once(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
+                     include: Sequence[str], exclude: Sequence[str], python_layout: bool, rebuild: bool,
+                     cache: dict | None) -> IngestSummary:
     if hasattr(embedder, "ensure_ready"):
         embedder.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
     generation = getattr(embedder, "generation", 0)
@@ -401,7 +489,7 @@ def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, 
     t_chunk = time.perf_counter() - t
     t = time.perf_counter()
     seen: set[str] = set()
-    texts = [x for group in loaded for x in texts_to_embed(plan, group, seen)]
+    texts = adopted_texts(plan, seen) + [x for group in loaded for x in texts_to_embed(plan, group, seen)]
     _emit("total+", len(texts))
     emb = with_cache(embedder, stores_root, cache)
     vectors = [embed_texts(emb, b) for b in batched(texts, EMBED_TASK_SIZE)]

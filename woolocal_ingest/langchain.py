@@ -134,7 +134,8 @@ def as_langchain_vectorstore(store_or_path: "Store | str | os.PathLike", *, embe
         from langchain_core.documents import Document
     except ImportError as e:
         raise ImportError(f"{_MISSING} ({e})") from e
-    from woolocal_ingest.stores import Store, open_store
+    from woolocal_ingest.api import open_store
+    from woolocal_ingest.stores import Store
 
     store = store_or_path if isinstance(store_or_path, Store) else open_store(store_or_path, stores_root=stores_root,
                                                                               model=model)

@@ -55,11 +55,16 @@ import numpy as np
 
 from woolocal_ingest.chunking import Chunk
 from woolocal_ingest.errors import ModelNotFoundError, StoreError, WoolocalError
+from woolocal_ingest.coowned import Adoption, CurrentStore, read_current
 from woolocal_ingest.legacy import LegacyStore, Problem, read_legacy_store
 from woolocal_ingest.locks import try_lock
+from woolocal_ingest.fsutil import (
+    BACKUP_TAG, fsync_dir, fsync_file, free_name, make_backup, rename_exchange, sha256_file, stamp,
+)
+from woolocal_ingest.manifest import NAME_RE, read_manifest
 from woolocal_ingest.stores import (
-    INDEX_JS, MANIFEST, PARQUET, _NAME_RE, _fsync_dir, _fsync_file, _json_safe, _json_safe_value, _rename_exchange,
-    _sha256_file, is_store, store_dir, verify_store, write_store,
+    INDEX_JS, MANIFEST, PARQUET, StoreChangedError, json_safe, json_safe_value, is_store, read_record, store_dir,
+    truth_snapshot, verify_store, write_store,
 )
 
 if TYPE_CHECKING:
@@ -77,7 +82,6 @@ BATCH_ENV = "WOOLOCAL_MIGRATE_BATCH"  # rows per checkpointed batch (tests use s
 DEFAULT_BATCH = 128  # rows: ~5 s of MiniLM work on 2 cores, the most a kill -9 can lose
 WORK_SUFFIX = ".migrate-work"
 LOCK_SUFFIX = ".migrate.lock"
-BACKUP_TAG = ".bak-"
 ROLLED_BACK_TAG = ".rolledback-"
 SPLIT_KEY = "woolocalSplit"
 WORK_VERSION = 2  # 2: rows embedded longest first, shards record their rows
@@ -167,6 +171,7 @@ class MigrationSummary:
     plan: dict | None = None  # dry run: estimate and action
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
+    adoption: dict = field(default_factory=dict)  # rows other writers (Wooster, LangChain) added, deleted, rewrote
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -237,7 +242,7 @@ def _raw(emb: Any) -> Any:
 
 def source_fingerprint(path: Path) -> tuple[str, dict[str, str]]:
     """(sha256 over the files, {file name: sha256}) of a store folder's top-level files (dot-files aside)."""
-    files = {p.name: _sha256_file(p) for p in sorted(Path(path).iterdir())
+    files = {p.name: sha256_file(p) for p in sorted(Path(path).iterdir())
              if p.is_file() and not p.name.startswith(".")}
     return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest(), files
 
@@ -260,7 +265,7 @@ def default_project(source: Path) -> str:
                 return _safe_name(m["project"])
         except (OSError, ValueError):
             pass
-        if _NAME_RE.match(source.name):
+        if NAME_RE.match(source.name):
             return _safe_name(source.parent.name)
     return _safe_name(source.name)
 
@@ -295,36 +300,6 @@ def backups(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.is_dir())
 
 
-def _stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-
-def _free_name(parent: Path, base: str) -> Path:
-    cand, n = parent / base, 1
-    while cand.exists():
-        cand, n = parent / f"{base}-{n}", n + 1
-    return cand
-
-
-def _make_backup(source: Path) -> Path:
-    """`<name>.bak-<UTC timestamp>` beside `source`: hard links to its files (copies where links cannot be made),
-    so making it costs no copy and the source itself is not touched."""
-    dest = _free_name(source.parent, f"{source.name}{BACKUP_TAG}{_stamp()}")
-    tmp = source.parent / f".{dest.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, tmp, copy_function=link, symlinks=True)
-    os.rename(tmp, dest)
-    _fsync_dir(source.parent)
-    return dest
-
-
 def rollback(path: Path) -> Path:
     """Put the newest `<name>.bak-<timestamp>` back at `path` (atomically where the system can swap folders).
 
@@ -337,7 +312,7 @@ def rollback(path: Path) -> Path:
                             "beside it, made by `woolocal migrate --in-place`)")
     newest = found[-1]
     with _target_lock(path):
-        _put_back(path, newest, f"{path.name}{ROLLED_BACK_TAG}{_stamp()}")
+        _put_back(path, newest, f"{path.name}{ROLLED_BACK_TAG}{stamp()}")
     return path
 
 
@@ -362,6 +337,11 @@ class _Plan:
     source_texts: list[str] = field(default_factory=list)  # each source chunk's text as stored (valid UTF-8)
     split: dict[str, list[str]] = field(default_factory=dict)  # source id -> its pieces' ids
     problems: list[Problem] = field(default_factory=list)
+    current: CurrentStore | None = None  # the target as found (a woolocal store), other writers' changes included
+    snapshot: dict | None = None  # identity of the target's LangChain files when read (a racing write shows)
+    trusted: dict[str, np.ndarray] = field(default_factory=dict)  # text sha256 -> our vector (same model files)
+    dropped: set[int] = field(default_factory=set)  # source chunks whose rows another writer deleted in the target
+    adoption: Adoption = field(default_factory=Adoption)
 
 
 def _token_limit(emb: "Embedder") -> int:
@@ -436,13 +416,13 @@ def _plan_rows(plan: _Plan, emb: "Embedder") -> None:
     plan.limit = limit = _token_limit(emb)
     special = counter.special_tokens
     chunks = plan.legacy.chunks
-    plan.source_texts = texts = [_json_safe(c.text) for c in chunks]
+    plan.source_texts = texts = [json_safe(c.text) for c in chunks]
     counts = counter.count_many(texts) if texts else []
     used: set[str] = set()
     renamed: list[str] = []
     safe_ids = []
     for c in chunks:  # ids as written (lone surrogates replaced); a clash that makes gets a #dup suffix
-        sid = _json_safe(c.id)
+        sid = json_safe(c.id)
         if sid in used:
             n = 1
             while f"{sid}#dup{n}" in used:
@@ -456,9 +436,9 @@ def _plan_rows(plan: _Plan, emb: "Embedder") -> None:
                                      f"replaced (U+FFFD); renamed: {', '.join(renamed[:10])}"))
     for i, c in enumerate(chunks):
         text, cid = texts[i], safe_ids[i]
-        meta = _json_safe_value(c.metadata)
+        meta = json_safe_value(c.metadata)
         if counts[i] <= limit:
-            plan.rows.append(Chunk(cid, text, _json_safe(c.source), c.chunk, meta, c.sha256))
+            plan.rows.append(Chunk(cid, text, json_safe(c.source), c.chunk, meta, c.sha256))
             plan.origin.append(i)
             plan.tokens.append(counts[i] + special)
             continue
@@ -471,7 +451,7 @@ def _plan_rows(plan: _Plan, emb: "Embedder") -> None:
             used.add(pid)
             ids.append(pid)
             m = _piece_metadata(meta, cid, k, len(pieces), pos, pos + len(piece), text)
-            plan.rows.append(Chunk(pid, piece, _json_safe(c.source), c.chunk, m, Chunk.text_sha256(piece)))
+            plan.rows.append(Chunk(pid, piece, json_safe(c.source), c.chunk, m, Chunk.text_sha256(piece)))
             plan.origin.append(i)
             plan.tokens.append(counter.count(piece) + special)
             pos += len(piece)
@@ -483,6 +463,58 @@ def _plan_rows(plan: _Plan, emb: "Embedder") -> None:
             f"special tokens) split into {n_pieces} pieces at paragraph/line/sentence/word boundaries (token "
             f"boundaries where a run has none); nothing truncated. The first piece keeps the chunk's id, the others "
             f"are <id>#1, <id>#2, ...; each carries metadata.{SPLIT_KEY}", ids=list(plan.split)))
+
+
+def _adopt_target(plan: _Plan, emb: "Embedder") -> None:
+    """Apply what other writers did to the target since we wrote it onto the planned rows: rows they deleted stay
+    deleted, rows they rewrote keep their text, rows they added are kept (and embedded with our model unless we
+    already hold a vector of that text)."""
+    cur = plan.current
+    if cur is None:
+        return
+    if _same_model(cur.manifest, emb):
+        for c in cur.record.chunks:
+            plan.trusted.setdefault(c.sha256, cur.record.vectors[cur.record.by_id[c.id]])
+    if plan.in_place:  # the source is the target: its rows (read with both layouts) already are what it holds now
+        plan.adoption.outside = [d.to_dict() for d in cur.drifts if d.changed]
+        changed = cur.outside_ids()
+        plan.adoption.adopted = sum(1 for c in plan.rows if c.id in changed)
+        plan.adoption.reembedded = sum(1 for c in plan.rows if c.id in changed and c.sha256 not in plan.trusted)
+        return
+    drifts = [d for d in cur.drifts if d.changed]
+    if not drifts:
+        return
+    plan.adoption.outside = [d.to_dict() for d in drifts]
+    now = {c.id: c for c in cur.rows}
+    deleted = {i for d in drifts for i in d.deleted}
+    rewritten = {i for d in drifts for i in d.rewritten}
+    rows, origin, tokens = [], [], []
+    for c, o, t in zip(plan.rows, plan.origin, plan.tokens):
+        if c.id in deleted:
+            plan.dropped.add(o)
+            plan.adoption.stayed_deleted += 1
+            continue
+        if c.id in rewritten and c.id in now:
+            c = now[c.id]
+            plan.dropped.add(o)  # its text is another writer's now
+            plan.adoption.adopted += 1
+            t = emb.tokens.count(c.text) + emb.tokens.special_tokens
+        rows.append(c)
+        origin.append(o)
+        tokens.append(t)
+    have = {c.id for c in rows}
+    for i in (i for d in drifts for i in d.added):
+        if i in now and i not in have:
+            c = now[i]
+            rows.append(c)
+            origin.append(-1)
+            tokens.append(emb.tokens.count(c.text) + emb.tokens.special_tokens)
+            have.add(i)
+            plan.adoption.adopted += 1
+    plan.adoption.kept = sum(1 for o in origin if o < 0)
+    plan.adoption.reembedded = sum(1 for c in rows if (c.id in rewritten or c.id in now and c.id not in
+                                                        {r.id for r in plan.rows}) and c.sha256 not in plan.trusted)
+    plan.rows, plan.origin, plan.tokens = rows, origin, tokens
 
 
 def _rows_digest(rows: Sequence[Chunk]) -> str:
@@ -534,12 +566,12 @@ def _write_shard(path: Path, idx: Sequence[int], rows: Sequence[Chunk], vectors:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp)
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _read_shard(path: Path, idx: Sequence[int], rows: Sequence[Chunk], dim: int) -> np.ndarray | None:
@@ -578,9 +610,9 @@ def _prepare_work(work: Path, key: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         (tmp / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True), encoding="utf-8")
-        _fsync_file(tmp / "key.json")
+        fsync_file(tmp / "key.json")
         os.rename(tmp, work)
-        _fsync_dir(work.parent)
+        fsync_dir(work.parent)
     for p in work.glob(".*.tmp"):  # a shard whose write was interrupted
         p.unlink(missing_ok=True)
 
@@ -595,15 +627,22 @@ def _embed_all(plan: _Plan, emb: "Embedder", config: "FlowsConfig", progress: Pr
     work = _work_dir(plan.target)
     key = {"version": WORK_VERSION, "source_fingerprint": plan.fingerprint, "model": _model_identity(emb),
            "batch": batch, "limit": plan.limit, "rows": len(rows), "rows_sha256": _rows_digest(rows),
+           "trusted": len(plan.trusted),
            "order": "tokens-desc"}
     _prepare_work(work, key)
     # Rows are embedded longest first (a stable sort of their token counts), as SentenceTransformer.encode orders a
     # whole call: every batch, checkpoint after checkpoint, pads little. Shards record the rows they hold.
-    order = (sorted(range(len(rows)), key=lambda i: -plan.tokens[i]) if len(plan.tokens) == len(rows)
-             else list(range(len(rows))))
-    groups = [order[start:start + batch] for start in range(0, len(rows), batch)]
-    summary.batches = len(groups)
     vectors = np.zeros((len(rows), dim), dtype=np.float32)
+    todo_rows = []
+    for i, c in enumerate(rows):
+        v = plan.trusted.get(c.sha256)
+        if v is not None and v.shape == (dim,):
+            vectors[i] = v  # a vector of ours for exactly this text, by these model files: not embedded again
+        else:
+            todo_rows.append(i)
+    order = (sorted(todo_rows, key=lambda i: -plan.tokens[i]) if len(plan.tokens) == len(rows) else todo_rows)
+    groups = [order[start:start + batch] for start in range(0, len(order), batch)]
+    summary.batches = len(groups)
     todo: list[int] = []
     for b, idx in enumerate(groups):
         path = work / _shard_name(b)
@@ -665,8 +704,10 @@ def _verify_written(folder: Path, plan: _Plan, emb: "Embedder") -> list[str]:
         problems.append(f"{len(diff)} row metadata differ from the source's (first: row {diff[0]})")
     joined: list[list[str]] = [[] for _ in plan.source_texts]
     for i, o in enumerate(plan.origin):
-        joined[o].append(texts[i])
-    lost = [plan.legacy.chunks[j].id for j, parts in enumerate(joined) if "".join(parts) != plan.source_texts[j]]
+        if o >= 0:
+            joined[o].append(texts[i])
+    lost = [plan.legacy.chunks[j].id for j, parts in enumerate(joined)
+            if j not in plan.dropped and "".join(parts) != plan.source_texts[j]]
     if lost:
         problems.append(f"{len(lost)} source text(s) not present in full (first: id {lost[0]})")
     problems += _self_retrieval(index, texts, emb)
@@ -716,6 +757,8 @@ def _already_done(plan: _Plan, emb: "Embedder") -> str | None:
     layouts_ok = not plan.python_layout or "langchain-python" in m.get("layouts", [])
     if not (same_model and layouts_ok):
         return None
+    if plan.current is not None and plan.current.changed_outside:
+        return None  # another writer's rows are to be adopted
     if target == plan.source and plan.legacy.format == "woolocal":
         if not plan.legacy.problems_of("store_verify"):
             return f"{target} already is a woolocal store of {emb.model_name} ({emb.dim}d)"
@@ -735,7 +778,7 @@ def _same_model(manifest: dict, emb: "Embedder") -> bool:
 
 def _check_target(plan: _Plan, emb: "Embedder") -> None:
     src, target = plan.source, plan.target
-    m = _NAME_RE.match(target.name)
+    m = NAME_RE.match(target.name)
     if m and int(m.group("dim")) != emb.dim:
         hint = " in place" if plan.in_place else ""
         raise MigrationInputError(f"{target}: the folder name says {m.group('dim')}d but {emb.model_name} makes "
@@ -787,7 +830,7 @@ def _unrecoverable_rows(lg: LegacyStore) -> int:
 
 def _previous_ids(plan: _Plan) -> set[str]:
     if plan.in_place:
-        return {_json_safe(c.id) for c in plan.legacy.chunks}
+        return {json_safe(c.id) for c in plan.legacy.chunks}
     if is_store(plan.target):
         try:
             import pyarrow.parquet as pq
@@ -819,12 +862,28 @@ def _estimate(plan: _Plan, emb: "Embedder") -> dict:
                       "tokens per second, plus the model load"}
 
 
-def migrate_store(source: Path, to: str, *, config: "FlowsConfig", out: Path | None = None, in_place: bool = False,
+RACE_ATTEMPTS = 3  # runs in a row that find the target written by another program mid-run before giving up
+
+
+def migrate_store(source: Path, to: str, **kwargs: Any) -> MigrationSummary:
+    """Migrate one store (see the module docstring and `_migrate_once` for the arguments). When another program
+    (Wooster) writes into the target while the run works, nothing of its write is lost (nothing is swapped in, or
+    its version is put back) and the run starts again, adopting that write."""
+    for attempt in range(1, RACE_ATTEMPTS + 1):
+        try:
+            return _migrate_once(source, to, **kwargs)
+        except StoreChangedError:
+            if attempt == RACE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _migrate_once(source: Path, to: str, *, config: "FlowsConfig", out: Path | None = None, in_place: bool = False,
                   backend: str | None = None, python_layout: bool | None = None, dry_run: bool = False,
                   progress: ProgressFn | None = None, project: str | None = None,
                   embedder: "Embedder | None" = None, name: str | None = None) -> MigrationSummary:
-    """Migrate one store (see the module docstring). Raises on failure (`MigrationError` and the library's other
-    errors; exit codes on them); returns a summary with status `migrated`, `unchanged` or (dry run) `planned`.
+    """Migrate one store once. Raises on failure (`MigrationError` and the library's other errors; exit codes on
+    them); returns a summary with status `migrated`, `unchanged` or (dry run) `planned`.
 
     `to`: a purpose of flows.yaml or a model name/folder (`embedder` overrides both, e.g. an embedder already
     loaded). `python_layout` None: the source's own layout decides for a LangChain Python store (True), else
@@ -850,12 +909,22 @@ def migrate_store(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
 
     def read() -> _Plan:
         t = time.perf_counter()
+        snap = truth_snapshot(target) if target.is_dir() else None  # before reading: a racing write shows later
         lg = read_legacy_store(source)
+        current = None
+        if is_store(target):
+            try:
+                current = read_current(target)  # what other writers (Wooster, LangChain Python) did since our run
+            except StoreError as e:
+                raise MigrationError(f"{target}: the store there cannot be read, so nothing was changed: {e}. Move it "
+                                     "aside (it may hold rows only it has) and run again") from None
+            if target == source and current.changed_outside:
+                lg.chunks = list(current.rows)  # both layouts' changes applied
         fp, files = source_fingerprint(source)
         layout = python_layout if python_layout is not None else (
             True if lg.format == "langchain-python" else config.defaults.python_layout)
         p = _Plan(source=source, target=target, in_place=in_place, project=project or default_project(source),
-                  legacy=lg, fingerprint=fp, files=files, python_layout=layout)
+                  legacy=lg, fingerprint=fp, files=files, python_layout=layout, current=current, snapshot=snap)
         timings["read"] = round(time.perf_counter() - t, 3)
         return p
 
@@ -875,6 +944,7 @@ def migrate_store(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
         reason = _already_done(plan, emb)
         t = time.perf_counter()
         _plan_rows(plan, emb)
+        _adopt_target(plan, emb)
         timings["plan"] = round(time.perf_counter() - t, 3)
         _fill_plan_counts(summary, plan)
         summary.plan = {"action": "unchanged" if reason else "migrate", "reason": reason, "target": str(target),
@@ -896,6 +966,7 @@ def migrate_store(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
             return summary
         t = time.perf_counter()
         _plan_rows(plan, emb)
+        _adopt_target(plan, emb)
         timings["plan"] = round(time.perf_counter() - t, 3)
         _fill_plan_counts(summary, plan)
         t = time.perf_counter()
@@ -911,13 +982,17 @@ def migrate_store(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
                 raise MigrationVerifyError(f"{target}: the migrated store failed verification, nothing was swapped "
                                            "in: " + "; ".join(problems))
             if in_place:
-                backup.append(_make_backup(source))
+                backup.append(make_backup(source))
 
         try:
             write_store(target, plan.rows, vectors, _manifest(plan, emb), python_layout=plan.python_layout,
-                        before_swap=before_swap)
+                        before_swap=before_swap, expect=plan.snapshot)
         except MigrationVerifyError:
             shutil.rmtree(_work_dir(target), ignore_errors=True)  # its shards made a store that failed: not reused
+            raise
+        except StoreChangedError:
+            for b in backup:  # the backup was of the version another writer has since changed: not a backup of ours
+                shutil.rmtree(b, ignore_errors=True)
             raise
         except StoreError as e:
             raise MigrationError(f"{target}: writing the migrated store failed, the previous one is as it was: {e}") \
@@ -925,7 +1000,7 @@ def migrate_store(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
         after = verify_store(target)
         if after:
             if backup:
-                _put_back(target, backup[0], f".{target.name}.failed-{_stamp()}")
+                _put_back(target, backup[0], f".{target.name}.failed-{stamp()}")
             raise MigrationVerifyError(f"{target}: the swapped-in store failed verification"
                                        + (f"; the previous store was restored from {backup[0]}" if backup else "")
                                        + ": " + "; ".join(after))
@@ -933,6 +1008,7 @@ def migrate_store(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
         timings["write"] = round(time.perf_counter() - t, 3)
     new_ids = [c.id for c in plan.rows]
     summary.status, summary.written = "migrated", True
+    summary.adoption = plan.adoption.to_dict()
     summary.backup = str(backup[0]) if backup else None
     summary.count = len(new_ids)
     summary.added = sum(1 for i in new_ids if i not in previous)
@@ -950,13 +1026,13 @@ def _put_back(target: Path, backup: Path, aside_name: str) -> None:
     if not target.exists():
         os.rename(backup, target)
     else:
-        aside = _free_name(target.parent, aside_name)
-        if _rename_exchange(backup, target):
+        aside = free_name(target.parent, aside_name)
+        if rename_exchange(backup, target):
             os.rename(backup, aside)
         else:
             os.rename(target, aside)
             os.rename(backup, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _fill_plan_counts(summary: MigrationSummary, plan: _Plan) -> None:
@@ -1069,6 +1145,9 @@ def format_summary(s: dict) -> str:
                      f"{s['skipped']} skipped; embedded {s['embedded']}"
                      + (f" ({s['cached']} from the cache)" if s.get("cached") else "")
                      + f", batches {s['batches']} ({s['resumed_batches']} resumed)")
+    adoption = s.get("adoption") or {}
+    if adoption.get("outside") or adoption.get("adopted"):
+        lines.append("  others   " + Adoption(**adoption).line())
     plan = s.get("plan") or {}
     est = plan.get("estimate")
     if est:

@@ -1,36 +1,50 @@
-"""The store format (contract in DESIGN.md): atomic write, open with dimension checks, verify, search."""
+"""The store format (contract in DESIGN.md): atomic write, open with dimension checks, verify, search.
+
+A store is co-owned: Wooster (LangChain JS) and LangChain Python add, delete and rewrite rows in `faiss.index` +
+`docstore.json` (or `index.faiss` + `index.pkl`) between our runs. Those files are the truth for what a store
+holds; `manifest.json` and `chunks.parquet` are our record of what we wrote. `Store` serves the truth and reports
+its `drift` from the record; only real damage (unreadable files, dims or counts that disagree) is an error.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import hashlib
 import json
 import os
-import re
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
 from woolocal_ingest.chunking import Chunk
-from woolocal_ingest.errors import DimensionMismatchError, StoreError, StoreNotFoundError
+from woolocal_ingest.errors import DimensionMismatchError, StoreError
+from woolocal_ingest.fsutil import FileState, fsync_dir, fsync_file, rename_exchange, sha256_file, snapshot, swap_into_place
+from woolocal_ingest.manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, folder_dim, read_manifest
+from woolocal_ingest.vector_index import DEFAULT_KIND, index_kind
 
 if TYPE_CHECKING:
     from woolocal_ingest.embedders.base import Embedder
 
-FORMAT = "woolocal-store"
-FORMAT_VERSION = 1
+__all__ = [
+    "DOCSTORE_JS", "Drift", "FORMAT", "INDEX_JS", "INDEX_PY", "MANIFEST", "PARQUET", "PICKLE_PY", "SearchHit", "Store",
+    "StoreChangedError", "TRUTH_FILES", "is_store", "json_safe", "json_safe_value", "list_stores", "store_dir",
+    "truth_snapshot", "verify_store", "write_store",
+]
+
 INDEX_JS, DOCSTORE_JS = "faiss.index", "docstore.json"
 INDEX_PY, PICKLE_PY = "index.faiss", "index.pkl"
-PARQUET, MANIFEST = "chunks.parquet", "manifest.json"
-_NAME_RE = re.compile(r"^(?P<slug>.+)-(?P<dim>\d+)d$")
+PARQUET = "chunks.parquet"
+JS_FILES, PY_FILES = (INDEX_JS, DOCSTORE_JS), (INDEX_PY, PICKLE_PY)
+TRUTH_FILES = JS_FILES + PY_FILES  # what LangChain writers rewrite; manifest.json and chunks.parquet are ours alone
+
+
+class StoreChangedError(StoreError):
+    """Another program wrote into the store while one of our runs worked on it (nothing of its write is lost: the
+    run did not swap, or swapped its version back); running again adopts that write."""
 
 
 def store_dir(stores_root: Path, project: str, model_slug: str, dim: int) -> Path:
@@ -38,40 +52,21 @@ def store_dir(stores_root: Path, project: str, model_slug: str, dim: int) -> Pat
     return Path(stores_root) / project / f"{model_slug}-{dim}d"
 
 
+def truth_snapshot(folder: Path) -> dict[str, FileState | None]:
+    """The identity of the files LangChain writers rewrite: equal snapshots mean nobody wrote in between."""
+    return snapshot(folder, TRUTH_FILES)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # writing
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _json_safe(text: str) -> str:
+def json_safe(text: str) -> str:
     """Lone surrogates cannot be UTF-8 encoded: replace them (U+FFFD) so every file stays valid UTF-8.
     A well-formed surrogate pair (as JSON written by JavaScript can hold) becomes the character it encodes."""
     try:
@@ -81,20 +76,20 @@ def _json_safe(text: str) -> str:
         return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
-def _json_safe_value(value: Any) -> Any:
-    """`_json_safe` applied to every string (keys included) in JSON-shaped metadata."""
+def json_safe_value(value: Any) -> Any:
+    """`json_safe` applied to every string (keys included) in JSON-shaped metadata."""
     if isinstance(value, str):
-        return _json_safe(value)
+        return json_safe(value)
     if isinstance(value, Mapping):
-        return {_json_safe(str(k)) if isinstance(k, str) else k: _json_safe_value(v) for k, v in value.items()}
+        return {json_safe(str(k)) if isinstance(k, str) else k: json_safe_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe_value(v) for v in value]
+        return [json_safe_value(v) for v in value]
     return value
 
 
 def _safe_chunk(c: Chunk) -> Chunk:
     """The chunk with every string it writes (id, text, source, metadata) made valid UTF-8."""
-    safe = Chunk(_json_safe(c.id), _json_safe(c.text), _json_safe(c.source), c.chunk, _json_safe_value(c.metadata),
+    safe = Chunk(json_safe(c.id), json_safe(c.text), json_safe(c.source), c.chunk, json_safe_value(c.metadata),
                  c.sha256)
     return c if safe == c else safe
 
@@ -143,39 +138,6 @@ def _write_parquet(path: Path, chunks: Sequence[Chunk], vectors: np.ndarray) -> 
     pq.write_table(table, path, compression="zstd")
 
 
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where the system cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    rc = renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
-    return rc == 0
-
-
-def _swap_into_place(tmp: Path, target: Path) -> Path | None:
-    """Put `tmp` at `target`; return where the previous version now lies (None if there was none)."""
-    if not target.exists():
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-        return None
-    if _rename_exchange(tmp, target):
-        _fsync_dir(target.parent)
-        return tmp
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        os.rename(old, target)
-        raise
-    _fsync_dir(target.parent)
-    return old
-
 
 def write_store(
     target: Path,
@@ -184,12 +146,17 @@ def write_store(
     manifest: Mapping[str, Any],
     python_layout: bool = False,
     before_swap: Callable[[Path], None] | None = None,
+    expect: Mapping[str, FileState | None] | None = None,
 ) -> Path:
     """Write a store atomically: build it in a temp folder beside `target`, fsync, verify, then swap it in.
 
     The previous version at `target` stays untouched until the new one has verified; on any failure the temp folder
     is removed and `target` is as it was. `manifest` carries model, chunking and source facts; this function adds the
     format, counts, index facts, file hashes and the creation time. Returns `target`.
+
+    `expect`: the `truth_snapshot` of `target` that the caller's rows were read from. If a LangChain writer changed
+    those files since, nothing is swapped in; if it wrote in the instant between that check and the swap, the
+    previous version (holding its write) is swapped back. Both raise `StoreChangedError`: run again to adopt it.
     """
     target = Path(target)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -201,16 +168,15 @@ def write_store(
     if vectors.ndim != 2 or vectors.shape[0] != len(chunks):
         raise StoreError(f"{target}: {len(chunks)} chunks but vectors of shape {vectors.shape}")
     dim = int(vectors.shape[1])
-    m = _NAME_RE.match(target.name)
-    if m and int(m.group("dim")) != dim:
-        raise DimensionMismatchError(f"{target}: folder name says {m.group('dim')}d, vectors have {dim} dims")
+    name_dim = folder_dim(target.name)
+    if name_dim is not None and name_dim != dim:
+        raise DimensionMismatchError(f"{target}: folder name says {name_dim}d, vectors have {dim} dims")
     if len({c.id for c in chunks}) != len(chunks):
         raise StoreError(f"{target}: duplicate chunk ids")
     if not np.isfinite(vectors).all():
         raise StoreError(f"{target}: vectors contain NaN or infinity")
 
-    import faiss
-
+    kind = index_kind(str((manifest.get("index") or {}).get("kind") or DEFAULT_KIND))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -219,9 +185,8 @@ def write_store(
         safe = [_safe_chunk(c) for c in chunks]
         if len({c.id for c in safe}) != len(safe):
             raise StoreError(f"{target}: duplicate chunk ids once made valid UTF-8 (lone surrogates)")
-        index = faiss.IndexFlatL2(dim)
-        index.add(vectors)
-        faiss.write_index(index, str(tmp / INDEX_JS))
+        index = kind.build(vectors)
+        kind.write(index, tmp / INDEX_JS)
         _write_docstore(tmp / DOCSTORE_JS, safe)
         _write_parquet(tmp / PARQUET, safe, vectors)
         layouts = ["langchain-js"]
@@ -232,27 +197,40 @@ def write_store(
         full = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            **dict(manifest),
+            **{k: v for k, v in manifest.items() if k != "index"},
             "dim": dim,
             "count": len(chunks),
             "metric": "cosine (L2 over L2-normalised vectors)",
-            "index": {"type": "IndexFlatL2", "normalised": True},
+            "index": kind.manifest(),
             "layouts": layouts,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "files": {name: _sha256_file(tmp / name) for name in files},
+            "files": {name: sha256_file(tmp / name) for name in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, ensure_ascii=False, sort_keys=False), encoding="utf-8")
         for name in files + [MANIFEST]:
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
         problems = verify_store(tmp, expect_name=target.name)
         if problems:
             raise StoreError(f"{target}: the new version failed verification: " + "; ".join(problems))
         if before_swap:
             before_swap(tmp)
-        previous = _swap_into_place(tmp, target)
+        if expect is not None and truth_snapshot(target) != dict(expect):
+            raise StoreChangedError(f"{target}: another program (Wooster or LangChain) wrote into the store while "
+                                    "this run worked; nothing was swapped in, the store holds its version")
+        previous = swap_into_place(tmp, target)
+        if expect is not None and previous is not None and truth_snapshot(previous) != dict(expect):
+            # It wrote into the old version in the instant between the check and the swap: put that version back.
+            if not rename_exchange(previous, target):
+                aside = target.parent / f".{target.name}.raced-{uuid.uuid4().hex[:8]}"
+                os.rename(target, aside)
+                os.rename(previous, target)
+                previous = aside
+            fsync_dir(target.parent)
+            raise StoreChangedError(f"{target}: another program (Wooster or LangChain) wrote into the store during "
+                                    "the swap; its version was put back in place")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(previous if previous is not None else tmp, ignore_errors=True)
         raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
@@ -260,7 +238,7 @@ def write_store(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# reading
+# reading: the truth (faiss.index + docstore.json) and our record (chunks.parquet)
 
 
 @dataclass(frozen=True)
@@ -281,6 +259,128 @@ class SearchHit:
         return {"id": self.id, "text": self.text, "metadata": self.metadata, "score": self.score}
 
 
+@dataclass(frozen=True)
+class Drift:
+    """How the truth of one layout differs from our record: ids added, deleted, and rewritten (same id, other text
+    or metadata) by another writer."""
+
+    layout: str
+    added: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    rewritten: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.deleted or self.rewritten)
+
+    def describe(self) -> str:
+        return (f"changed outside woolocal ({self.layout}): +{len(self.added)} rows, \u2212{len(self.deleted)} rows, "
+                f"{len(self.rewritten)} rewritten")
+
+    def to_dict(self) -> dict:
+        return {"layout": self.layout, "added": len(self.added), "deleted": len(self.deleted),
+                "rewritten": len(self.rewritten), "ids": {"added": list(self.added)[:20],
+                                                          "deleted": list(self.deleted)[:20],
+                                                          "rewritten": list(self.rewritten)[:20]}}
+
+
+@dataclass(frozen=True)
+class Record:
+    """Our record of a store (chunks.parquet): rows as we wrote them, with their vectors."""
+
+    chunks: tuple[Chunk, ...]
+    vectors: np.ndarray
+
+    @cached_property
+    def by_id(self) -> dict[str, int]:
+        return {c.id: i for i, c in enumerate(self.chunks)}
+
+    @cached_property
+    def by_sha(self) -> dict[str, int]:
+        """Row of each text sha256 (the first): vectors we computed ourselves, reusable for the same text."""
+        out: dict[str, int] = {}
+        for i, c in enumerate(self.chunks):
+            out.setdefault(c.sha256, i)
+        return out
+
+
+def read_record(folder: Path, with_vectors: bool = True) -> Record:
+    """chunks.parquet of a store folder; StoreError naming the file when it cannot be read."""
+    import pyarrow.parquet as pq
+
+    path = Path(folder) / PARQUET
+    cols = ["id", "source", "chunk", "text", "sha256", "metadata"] + (["embedding"] if with_vectors else [])
+    try:
+        t = pq.read_table(path, columns=cols)
+        r = t.select(cols[:6]).to_pydict()
+        chunks = tuple(Chunk(id=r["id"][i], text=r["text"][i], source=r["source"][i], chunk=r["chunk"][i],
+                             metadata=json.loads(r["metadata"][i]), sha256=r["sha256"][i]) for i in range(t.num_rows))
+        if with_vectors and t.num_rows:
+            vec = np.asarray(t.column("embedding").combine_chunks().flatten(), dtype=np.float32)
+            vectors = vec.reshape(t.num_rows, -1)
+        else:
+            vectors = np.zeros((t.num_rows, 0), np.float32)
+    except StoreError:
+        raise
+    except Exception as e:
+        raise StoreError(f"{path}: cannot read: {e}") from None
+    return Record(chunks, vectors)
+
+
+def read_docstore(folder: Path, ntotal: int) -> list[tuple[str, str, dict]]:
+    """(id, text, metadata) of each row of a LangChain JS docstore.json, in index row order; StoreError naming the
+    file and what disagrees when it is not a whole, consistent docstore of `ntotal` rows."""
+    path = Path(folder) / DOCSTORE_JS
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing") from None
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: unreadable ({e}); a save was interrupted?") from None
+    if not (isinstance(data, list) and len(data) == 2 and isinstance(data[0], list) and isinstance(data[1], dict)):
+        raise StoreError(f"{path}: expected [[[id, {{pageContent, metadata}}], ...], {{\"0\": id, ...}}]")
+    docs_raw, mapping = data
+    docs: dict[str, tuple[str, dict]] = {}
+    for i, d in enumerate(docs_raw):
+        if not (isinstance(d, list) and len(d) == 2 and isinstance(d[0], str) and isinstance(d[1], dict)
+                and isinstance(d[1].get("pageContent"), str)):
+            raise StoreError(f"{path}: entry {i} is not [id, {{pageContent: text, metadata}}]")
+        meta = d[1].get("metadata")
+        docs[d[0]] = (d[1]["pageContent"], meta if isinstance(meta, dict) else {})
+    if len(mapping) != ntotal or len(docs) != ntotal:
+        raise StoreError(f"{path}: counts disagree: {INDEX_JS} holds {ntotal} vectors, the row->id mapping "
+                         f"{len(mapping)} rows and the docstore {len(docs)} documents (a save was interrupted?)")
+    rows = []
+    for r in range(ntotal):
+        id_ = mapping.get(str(r))
+        if not isinstance(id_, str) or id_ not in docs:
+            raise StoreError(f"{path}: row {r} maps to {id_!r}, which is not a document of the docstore")
+        rows.append((id_, *docs[id_]))
+    if len({r[0] for r in rows}) != ntotal:
+        raise StoreError(f"{path}: the row->id mapping names one id for several rows")
+    return rows
+
+
+def _meta_key(m: Mapping[str, Any]) -> str:
+    return json.dumps(m, ensure_ascii=False, sort_keys=True)
+
+
+def drift_between(layout: str, truth: Sequence[tuple[str, str, dict]], record: Record) -> Drift:
+    """What another writer changed: truth rows (id, text, metadata) against our record."""
+    truth_ids = {t[0] for t in truth}
+    added, rewritten = [], []
+    for id_, text, meta in truth:
+        i = record.by_id.get(id_)
+        if i is None:
+            added.append(id_)
+        else:
+            c = record.chunks[i]
+            if c.text != text or _meta_key(c.metadata) != _meta_key(meta):
+                rewritten.append(id_)
+    deleted = [c.id for c in record.chunks if c.id not in truth_ids]
+    return Drift(layout, tuple(added), tuple(deleted), tuple(rewritten))
+
+
 def _matches(metadata: Mapping[str, Any], flt: Mapping[str, Any]) -> bool:
     for key, want in flt.items():
         value: Any = metadata
@@ -294,40 +394,34 @@ def _matches(metadata: Mapping[str, Any], flt: Mapping[str, Any]) -> bool:
     return True
 
 
+EmbedderSource = Union["Embedder", Callable[[], "Embedder"], None]
+
+
 class Store:
-    """An opened store: its manifest, FAISS index and rows; `search` embeds a query with the store's own model."""
+    """An opened store: its manifest, FAISS index and rows as Wooster sees them (faiss.index + docstore.json).
 
-    def __init__(self, path: Path, embedder: "Embedder | None" = None):
+    `embedder` (an Embedder, or a function that loads one on first use) embeds text queries; the store never
+    loads a model itself (`woolocal_ingest.api.open_store` passes the store's own). Opening reads one consistent
+    version: a docstore that disagrees with the index is damage (StoreError), rows changed by another writer are
+    not (`drift` says what changed)."""
+
+    def __init__(self, path: Path, embedder: EmbedderSource = None):
         self.path = Path(path)
-        self.manifest: dict = _read_manifest(self.path)
-        import faiss
-
-        try:
-            self.index = faiss.read_index(str(self.path / INDEX_JS))
-        except Exception as e:
-            raise StoreError(f"{self.path / INDEX_JS}: cannot read FAISS index: {e}") from None
-        _check_dims(self.path, self.manifest, self.index.d)
-        if self.index.ntotal != self.manifest.get("count"):
-            raise StoreError(
-                f"{self.path}: index holds {self.index.ntotal} vectors, manifest.json count says {self.manifest.get('count')}"
-            )
-        self._embedder = embedder
-        if embedder is not None:
+        self.snapshot = truth_snapshot(self.path)  # before reading: a write racing this read shows as a change
+        self.manifest: Manifest = read_manifest(self.path)
+        self.kind = index_kind(self.manifest.index_kind)
+        self.index = self.kind.read(self.path / INDEX_JS)
+        check_dims(self.path, self.manifest, int(self.index.d))
+        self._truth = read_docstore(self.path, int(self.index.ntotal))
+        self._embedder: Any = None
+        self._provider: Callable[[], Embedder] | None = None
+        if callable(embedder) and not hasattr(embedder, "embed_query"):
+            self._provider = embedder
+        elif embedder is not None:
             self._check_embedder(embedder)
+            self._embedder = embedder
 
     # -- rows ----------------------------------------------------------------------------------------------------
-    @cached_property
-    def _rows(self):
-        import pyarrow.parquet as pq
-
-        try:
-            t = pq.read_table(self.path / PARQUET, columns=["id", "source", "chunk", "text", "sha256", "metadata"])
-        except Exception as e:
-            raise StoreError(f"{self.path / PARQUET}: cannot read: {e}") from None
-        if t.num_rows != self.index.ntotal:
-            raise StoreError(f"{self.path}: {PARQUET} has {t.num_rows} rows, {INDEX_JS} has {self.index.ntotal}")
-        return t.to_pydict()
-
     @property
     def dim(self) -> int:
         return int(self.index.d)
@@ -338,13 +432,31 @@ class Store:
 
     @property
     def ids(self) -> list[str]:
-        return self._rows["id"]
+        return [t[0] for t in self._truth]
+
+    @cached_property
+    def record(self) -> Record:
+        """Our record of the store (chunks.parquet, with vectors)."""
+        return read_record(self.path)
+
+    @cached_property
+    def drift(self) -> Drift:
+        """What another writer changed in faiss.index + docstore.json since we wrote the store."""
+        return drift_between("langchain-js", self._truth, self.record)
 
     def chunks(self) -> list[Chunk]:
-        """Every row as a Chunk, in row order."""
-        r = self._rows
-        return [Chunk(id=r["id"][i], text=r["text"][i], source=r["source"][i], chunk=r["chunk"][i],
-                      metadata=json.loads(r["metadata"][i]), sha256=r["sha256"][i]) for i in range(self.count)]
+        """Every row as a Chunk, in row order (ids, texts and metadata as the store holds them now)."""
+        rec = self.record
+        out = []
+        for row, (id_, text, meta) in enumerate(self._truth):
+            i = rec.by_id.get(id_)
+            # our record keeps the sha256 of the text as chunked (before lone surrogates became U+FFFD)
+            sha = rec.chunks[i].sha256 if i is not None and rec.chunks[i].text == text else Chunk.text_sha256(text)
+            source, chunk = meta.get("source"), meta.get("chunk")
+            out.append(Chunk(id=id_, text=text, source=source if isinstance(source, str) else "",
+                             chunk=chunk if isinstance(chunk, int) and not isinstance(chunk, bool) else row,
+                             metadata=meta, sha256=sha))
+        return out
 
     def vectors(self) -> np.ndarray:
         """All stored vectors, float32 [count, dim], in row order."""
@@ -354,21 +466,10 @@ class Store:
     @property
     def embedder(self) -> "Embedder":
         if self._embedder is None:
-            from woolocal_ingest.embedders import load_embedder
-
-            model = self.manifest.get("model", {})
-            candidates = [model.get("path"), model.get("name")]
-            last: Exception | None = None
-            for cand in candidates:
-                if not cand:
-                    continue
-                try:
-                    emb = load_embedder(cand)
-                    break
-                except Exception as e:  # try the next way of naming it
-                    last = e
-            else:
-                raise StoreError(f"{self.path}: cannot load the store's model {model.get('name')!r}: {last}")
+            if self._provider is None:
+                raise StoreError(f"{self.path}: a text query needs the store's model: open the store with "
+                                 "woolocal_ingest.open_store (which loads it) or pass embedder=")
+            emb = self._provider()
             self._check_embedder(emb)
             self._embedder = emb
         return self._embedder
@@ -391,104 +492,43 @@ class Store:
             vec = np.asarray(query, dtype=np.float32).reshape(-1)
             if vec.shape[0] != self.dim:
                 raise DimensionMismatchError(f"{self.path}: query vector has {vec.shape[0]} dims, store has {self.dim}")
-        vec = np.ascontiguousarray(vec.reshape(1, -1), dtype=np.float32)
-        params = None
+        rows = None
         if filter:
-            import faiss
-
-            rows = np.array([i for i, m in enumerate(self._metadata) if _matches(m, filter)], dtype=np.int64)
+            rows = np.array([i for i, t in enumerate(self._truth) if _matches(t[2], filter)], dtype=np.int64)
             if rows.size == 0:
                 return []
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(rows))
             k = min(k, int(rows.size))
         k = min(k, self.count)
-        dist, labels = self.index.search(vec, k, params=params) if params else self.index.search(vec, k)
-        r = self._rows
+        scores, labels = self.kind.search(self.index, np.asarray(vec, dtype=np.float32), k, rows)
         hits = []
-        for d, row in zip(dist[0], labels[0]):
+        for score, row in zip(scores[0], labels[0]):
             if row < 0:
                 continue
-            hits.append(SearchHit(id=r["id"][row], text=r["text"][row], metadata=self._metadata[row],
-                                  score=float(1.0 - d / 2.0), row=int(row)))
+            id_, text, meta = self._truth[row]
+            hits.append(SearchHit(id=id_, text=text, metadata=meta, score=float(score), row=int(row)))
         return hits
 
-    @cached_property
-    def _metadata(self) -> list[dict]:
-        return [json.loads(m) for m in self._rows["metadata"]]
-
     def __repr__(self) -> str:
-        return f"Store({str(self.path)!r}, model={self.manifest.get('model', {}).get('name')!r}, dim={self.dim}, count={self.count})"
+        return f"Store({str(self.path)!r}, model={self.manifest.model_name!r}, dim={self.dim}, count={self.count})"
 
 
-def _read_manifest(path: Path) -> dict:
-    if not path.is_dir():
-        raise StoreNotFoundError(f"{path}: no such store folder")
-    mf = path / MANIFEST
-    try:
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StoreError(f"{mf}: missing; {path} is not a woolocal store (use `woolocal migrate` for LangChain stores)") from None
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{mf}: unreadable: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{mf}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise StoreError(f"{mf}: format_version {manifest.get('format_version')} is newer than this library's {FORMAT_VERSION}")
-    return manifest
-
-
-def _check_dims(path: Path, manifest: Mapping[str, Any], index_dim: int) -> None:
-    """Folder name (when it carries `-<dim>d`; Wooster's in-place `vectorStore/` does not), manifest and index agree."""
-    m = _NAME_RE.match(path.name)
-    name_dim = int(m.group("dim")) if m else None
+def check_dims(path: Path, manifest: Manifest, index_dim: int, name: str | None = None) -> None:
+    """Folder name (when it carries `-<dim>d`; Wooster's in-place `vectorStore/` does not), manifest and index
+    agree; DimensionMismatchError naming all of them."""
+    name = name or Path(path).name
+    name_dim = folder_dim(name)
     man_dim = manifest.get("dim")
-    model_dim = manifest.get("model", {}).get("dim")
+    model_dim = manifest.model.get("dim")
     dims = {d for d in (name_dim, man_dim, model_dim, index_dim) if d is not None}
     if len(dims) > 1 or man_dim is None:
         raise DimensionMismatchError(
-            f"{path}: dimensions disagree: folder name {path.name!r} says {name_dim}, manifest.json dim says {man_dim}"
+            f"{path}: dimensions disagree: folder name {name!r} says {name_dim}, manifest.json dim says {man_dim}"
             f" (model.dim {model_dim}), {INDEX_JS} has d={index_dim}"
         )
 
 
 def is_store(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
-
-
-def open_store(path_or_name: str | os.PathLike, stores_root: str | os.PathLike | None = None,
-               model: str | None = None, embedder: "Embedder | None" = None) -> Store:
-    """Open a store for search.
-
-    `path_or_name`: a store folder; a project's folder under the stores root (its one store, or the one for `model`);
-    or a project name, looked up under `stores_root` (default: flows.yaml's stores root).
-    """
-    p = Path(path_or_name).expanduser()
-    if is_store(p):
-        return Store(p, embedder=embedder)
-    if p.is_dir() and any((p / n).is_file() for n in (INDEX_JS, INDEX_PY, DOCSTORE_JS, PARQUET)):
-        return Store(p, embedder=embedder)  # a store's files without manifest.json: raises, naming it
-    if not p.is_dir():
-        if stores_root is None:
-            from woolocal_ingest.config import load_config
-
-            cfg = load_config()
-            proj = cfg.project(str(path_or_name))
-            stores_root = cfg.stores_root(proj)
-        p = Path(stores_root) / str(path_or_name)
-        if is_store(p):
-            return Store(p, embedder=embedder)
-    if not p.is_dir():
-        raise StoreNotFoundError(f"{path_or_name}: no store folder or project of that name (looked in {p.parent})")
-    stores = sorted(d for d in p.iterdir() if is_store(d) and not d.name.startswith("."))
-    if model is not None:
-        from woolocal_ingest.embedders.registry import slugify
-
-        stores = [d for d in stores if _NAME_RE.match(d.name) and _NAME_RE.match(d.name).group("slug") == slugify(model)]
-    if len(stores) == 1:
-        return Store(stores[0], embedder=embedder)
-    if not stores:
-        raise StoreNotFoundError(f"{p}: holds no store" + (f" for model {model!r}" if model else ""))
-    raise StoreError(f"{p}: holds several stores ({', '.join(d.name for d in stores)}); name one")
 
 
 def list_stores(stores_root: Path) -> list[Path]:
@@ -505,72 +545,85 @@ def list_stores(stores_root: Path) -> list[Path]:
 
 
 def verify_store(path: Path, expect_name: str | None = None) -> list[str]:
-    """Every problem found in a store folder (empty list: it is sound). Checks files against the manifest's hashes,
-    dimensions in name, manifest and index, row counts and ids across index, docstore and Parquet, and that the
-    Parquet vectors are the index's vectors."""
+    """Every sign of real damage in a store folder (empty list: it is sound). Rows another LangChain writer added,
+    deleted or rewrote are not damage (`Store.drift` reports them); checked are: our own files against the
+    manifest's hashes, dimensions in name, manifest and index, the docstore against the index (counts, ids), and,
+    while faiss.index and docstore.json are as we wrote them, that they equal our record (ids, texts, metadata,
+    vectors, unit length)."""
     path = Path(path)
-    problems: list[str] = []
     try:
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
     except StoreError as e:
         return [str(e)]
-    for name, digest in manifest.get("files", {}).items():
+    problems: list[str] = []
+    ours_changed = []
+    truth_changed = False
+    for name, digest in manifest.files.items():
         f = path / name
         if not f.is_file():
+            if name in TRUTH_FILES and name not in JS_FILES:
+                truth_changed = True  # a LangChain Python layout removed by its user: not ours to insist on
+                continue
             problems.append(f"{name}: listed in manifest.json but missing")
-        elif _sha256_file(f) != digest:
-            problems.append(f"{name}: sha256 differs from manifest.json (changed after writing)")
+        elif sha256_file(f) != digest:
+            if name in TRUTH_FILES:
+                truth_changed = truth_changed or name in JS_FILES
+            else:
+                ours_changed.append(name)
+    problems += [f"{n}: sha256 differs from manifest.json (our record was changed after writing)" for n in ours_changed]
     if problems:
         return problems
     import faiss
-    import pyarrow.parquet as pq
 
     try:
         index = faiss.read_index(str(path / INDEX_JS))
     except Exception as e:
-        return problems + [f"{INDEX_JS}: unreadable: {e}"]
-    name = expect_name or path.name
-    m = _NAME_RE.match(name)
-    dims = {"folder name": int(m.group("dim")) if m else None, "manifest.json": manifest.get("dim"),
-            "manifest model.dim": manifest.get("model", {}).get("dim"), INDEX_JS: index.d}
-    if len({d for d in dims.values() if d is not None}) != 1 or dims["manifest.json"] is None:
-        problems.append("dimensions disagree: " + ", ".join(f"{k} {v}" for k, v in dims.items()))
+        return [f"{INDEX_JS}: unreadable: {e}"]
+    try:
+        check_dims(path, manifest, int(index.d), name=expect_name)
+    except DimensionMismatchError as e:
+        problems.append(str(e))
     if index.ntotal == 0:
         problems.append(f"{INDEX_JS}: empty index (LangChain JS readers abort on it)")
+    try:
+        truth = read_docstore(path, int(index.ntotal))
+    except StoreError as e:
+        return problems + [str(e).replace(f"{path}/", "")]
+    try:
+        record = read_record(path)
+    except StoreError as e:
+        return problems + [str(e)]
+    if truth_changed:
+        # Another writer's rows are drift (adopted by the next run that writes), but a row it did not touch keeps
+        # the vector we wrote: LangChain adds and deletes rows, it never alters another row's vector.
+        vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
+        altered = [t[0] for row, t in enumerate(truth)
+                   if (i := record.by_id.get(t[0])) is not None and record.chunks[i].text == t[1]
+                   and record.vectors.shape[1] == vectors.shape[1]
+                   and not np.allclose(vectors[row], record.vectors[i], atol=1e-6)]
+        if altered:
+            problems.append(f"{INDEX_JS}: the vectors of {len(altered)} row(s) whose text is unchanged differ from "
+                            f"the ones we wrote (first: id {altered[0]}): the file was damaged")
+        return problems
+    ids = [c.id for c in record.chunks]
     if manifest.get("count") != index.ntotal:
         problems.append(f"manifest.json count {manifest.get('count')} != {INDEX_JS} ntotal {index.ntotal}")
-    try:
-        t = pq.read_table(path / PARQUET)
-        ids = t.column("id").to_pylist()
-        if t.num_rows != index.ntotal:
-            problems.append(f"{PARQUET} has {t.num_rows} rows, {INDEX_JS} {index.ntotal}")
-        elif index.ntotal:
-            emb = np.asarray(t.column("embedding").combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
-            if not np.array_equal(emb, index.reconstruct_n(0, index.ntotal)):
-                problems.append(f"{PARQUET} embeddings differ from {INDEX_JS} vectors")
-            norms = np.linalg.norm(emb, axis=1)
-            if not np.allclose(norms, 1.0, atol=1e-3):
-                problems.append(f"{PARQUET}: vectors are not L2-normalised (norms {norms.min():.4f}..{norms.max():.4f})")
-        if len(set(ids)) != len(ids):
-            problems.append(f"{PARQUET}: duplicate ids")
-    except Exception as e:
-        return problems + [f"{PARQUET}: unreadable: {e}"]
-    try:
-        docs, mapping = json.loads((path / DOCSTORE_JS).read_text(encoding="utf-8"))
-        doc_ids = [d[0] for d in docs]
-        if [mapping.get(str(i)) for i in range(len(ids))] != ids or len(mapping) != len(ids):
-            problems.append(f"{DOCSTORE_JS}: row→id mapping differs from {PARQUET} ids")
-        if set(doc_ids) != set(ids):
-            problems.append(f"{DOCSTORE_JS}: documents differ from {PARQUET} ids")
-        else:
-            # Same rows, same content: what LangChain JS returns is what the canonical record holds.
-            by_id = {d[0]: d[1] for d in docs}
-            texts, metas = t.column("text").to_pylist(), t.column("metadata").to_pylist()
-            differ = [i for i, id_ in enumerate(ids)
-                      if by_id[id_].get("pageContent") != texts[i] or by_id[id_].get("metadata") != json.loads(metas[i])]
-            if differ:
-                problems.append(f"{DOCSTORE_JS}: {len(differ)} document(s) differ from {PARQUET} text or metadata "
-                                f"(first: id {ids[differ[0]]})")
-    except Exception as e:
-        problems.append(f"{DOCSTORE_JS}: unreadable: {e}")
+    if len(ids) != index.ntotal:
+        problems.append(f"{PARQUET} has {len(ids)} rows, {INDEX_JS} {index.ntotal}")
+    elif index.ntotal:
+        if not np.array_equal(record.vectors, index.reconstruct_n(0, index.ntotal)):
+            problems.append(f"{PARQUET} embeddings differ from {INDEX_JS} vectors")
+        norms = np.linalg.norm(record.vectors, axis=1)
+        if not np.allclose(norms, 1.0, atol=1e-3):
+            problems.append(f"{PARQUET}: vectors are not L2-normalised (norms {norms.min():.4f}..{norms.max():.4f})")
+    if len(set(ids)) != len(ids):
+        problems.append(f"{PARQUET}: duplicate ids")
+    if [t[0] for t in truth] != ids:
+        problems.append(f"{DOCSTORE_JS}: row->id mapping differs from {PARQUET} ids")
+    else:
+        differ = [i for i, (t, c) in enumerate(zip(truth, record.chunks))
+                  if t[1] != c.text or _meta_key(t[2]) != _meta_key(c.metadata)]
+        if differ:
+            problems.append(f"{DOCSTORE_JS}: {len(differ)} document(s) differ from {PARQUET} text or metadata "
+                            f"(first: id {ids[differ[0]]})")
     return problems

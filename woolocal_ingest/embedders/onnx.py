@@ -29,7 +29,7 @@ import numpy as np
 
 from woolocal_ingest.embedders.base import TransformerEmbedder
 from woolocal_ingest.embedders.registry import ModelInfo
-from woolocal_ingest.stores import _fsync_dir
+from woolocal_ingest.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def write_export_atomically(model_dir: Path, folder: Path, exporter=export_onnx)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return final
 
 

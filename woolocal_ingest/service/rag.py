@@ -40,7 +40,8 @@ from starlette.concurrency import run_in_threadpool
 
 from woolocal_ingest.errors import StoreError, StoreNotFoundError, WoolocalError
 from woolocal_ingest.service.errors import APIError
-from woolocal_ingest.stores import MANIFEST, SearchHit, Store, _check_dims, _read_manifest, is_store, list_stores
+from woolocal_ingest.manifest import NAME_RE, read_manifest
+from woolocal_ingest.stores import MANIFEST, TRUTH_FILES, SearchHit, Store, check_dims, is_store, list_stores
 
 log = logging.getLogger("woolocal.service.rag")
 
@@ -105,7 +106,6 @@ def _under(root: Path, p: Path) -> bool:
 def _project_default(state: Any, project: str, candidates: list[Path]) -> list[Path]:
     """Of a project's several stores, the one(s) for the model its purpose configures (as `woolocal ingest` writes)."""
     from woolocal_ingest.embedders.registry import slugify
-    from woolocal_ingest.stores import _NAME_RE
 
     cfg = getattr(state, "config", None)
     if cfg is None:
@@ -117,7 +117,7 @@ def _project_default(state: Any, project: str, candidates: list[Path]) -> list[P
     slug = slugify(purpose.model)
     out = []
     for d in candidates:
-        m = _NAME_RE.match(d.name)
+        m = NAME_RE.match(d.name)
         if m and m.group("slug") == slug and (purpose.dimensions is None or int(m.group("dim")) == purpose.dimensions):
             out.append(d)
     return out
@@ -161,14 +161,22 @@ def resolve_store(state: Any, name: Any, *, trusted: bool = False) -> tuple[str,
 
 
 def _identity(path: Path, dir_fd: int | None = None) -> tuple:
-    """What changes when a store folder is replaced: the folder's inode and its manifest's inode, mtime and size."""
+    """What changes when a store folder is replaced or written into: the folder's inode, and the inode, mtime and
+    size of its manifest and of the files LangChain writers (Wooster) rewrite in place."""
     if dir_fd is not None:
         d = os.fstat(dir_fd)
         m = os.stat(MANIFEST, dir_fd=dir_fd)
     else:
         d = os.stat(path)
         m = os.stat(path / MANIFEST)
-    return (d.st_dev, d.st_ino, m.st_ino, m.st_mtime_ns, m.st_size)
+    files = []
+    for name in TRUTH_FILES:
+        try:
+            st = os.stat(name, dir_fd=dir_fd) if dir_fd is not None else os.stat(path / name)
+            files.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except FileNotFoundError:
+            files.append(None)
+    return (d.st_dev, d.st_ino, m.st_ino, m.st_mtime_ns, m.st_size, *files)
 
 
 _PROC_FD = sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd")
@@ -192,9 +200,7 @@ def _load_once(path: Path) -> tuple[tuple, Store]:
         base = Path(f"/proc/self/fd/{fd}") if fd is not None else path
         try:
             store = Store(base)
-            store._rows  # noqa: B018  (Store reads rows lazily: read them now, from this version)
-            store._metadata  # noqa: B018
-            _check_dims(path, store.manifest, store.index.d)
+            check_dims(path, store.manifest, store.index.d)
             after = _identity(path, fd)
         except (StoreError, FileNotFoundError) as e:
             if _path_identity(path) != before:
@@ -570,7 +576,7 @@ async def stores_index(request: Request) -> dict:
             row: dict[str, Any] = {"object": "store", "id": sid, "name": sid, "project": p.parent.name,
                                    "folder": p.name}
             try:
-                m = _read_manifest(p)
+                m = read_manifest(p)
                 mtime = os.stat(p / MANIFEST).st_mtime
                 row.update(model=(m.get("model") or {}).get("name"), dim=m.get("dim"), count=m.get("count"),
                            created=m.get("created"),
