@@ -312,9 +312,8 @@ def test_stores_list_inspect_verify(copy):
 def test_stores_verify_damaged_store_exits_1(copy):
     _, stores, target = copy
     doc = target / "docstore.json"
-    data = bytearray(doc.read_bytes())
-    data[len(data) // 2] ^= 0x20  # one flipped bit in a text
-    doc.write_bytes(bytes(data))
+    data = doc.read_bytes()
+    doc.write_bytes(data[: len(data) // 2])  # a save cut short (a changed text would be another writer's edit)
     r = cli("stores", "verify", str(target), "--json", code=1)
     v = one_json(r.stdout)
     assert v["ok"] is False and any("docstore.json" in p for p in v["stores"][str(target)])

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.test_interop import assert_same_ranking, check_store, langchain_js  # noqa: F401  (fixture)
+from test_interop import assert_same_ranking, check_store, langchain_js  # noqa: F401  (fixture)
 from woolocal_ingest import migrate, stores
 from woolocal_ingest.api import open_store
 from woolocal_ingest.chunking import ChunkSettings
@@ -162,7 +162,7 @@ def test_langchain_python_writes_are_adopted(tmp_path, embedder):
 
 
 def test_in_place_migration_adopts_wooster_memories_and_rolls_back(tmp_path, embedder, langchain_js):
-    from tests.test_migrate import expected_rows, make_js_store, write_config
+    from test_migrate import expected_rows, make_js_store, write_config
     from woolocal_ingest.config import load_config
 
     profile = make_js_store(tmp_path / "wooster" / "vector_data" / "user_profile_store", expected_rows()[:12])
@@ -225,3 +225,26 @@ def test_damaged_store_is_an_error_not_an_adoption(tmp_path, embedder, garden):
                    DEFAULT_EXCLUDE, rebuild=True)
     assert s.written and s.backup and Path(s.backup).name.startswith(path.name + ".bak-")
     assert tree_hash(Path(s.backup)) == snap and verify_store(path) == []
+
+
+def test_service_search_sees_a_wooster_write_without_restart(tmp_path, embedder, garden, langchain_js):
+    import httpx
+    from servers import running
+
+    from woolocal_ingest.config import FlowsConfig, ProjectConfig, ServiceConfig
+    from woolocal_ingest.service.app import create_app
+
+    root, path, _ = garden
+    cfg = FlowsConfig(base_dir=tmp_path, projects=[ProjectConfig(name="garden", path=root)],
+                      service=ServiceConfig(models=[]))
+    app = create_app(cfg, stores_root=tmp_path / "stores", load_in_background=False)
+    vec = [float(x) for x in embedder.embed_query("which bicycle does the user ride?")]
+    with running(app) as base, httpx.Client(base_url=base, timeout=30) as client:
+        url = f"/v1/stores/garden/{path.name}/search"
+        r = client.post(url, json={"vector": vec, "k": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["id"] != "wooster-memory-1"
+        js_write(langchain_js, path, tmp_path, add=[memory(embedder)])
+        r = client.post(url, json={"vector": vec, "k": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["id"] == "wooster-memory-1" and r.json()["data"][0]["text"] == MEMORY
