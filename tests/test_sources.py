@@ -168,6 +168,28 @@ def test_dry_run_lists_what_would_be_indexed_without_a_model(garden, monkeypatch
     r = CliRunner().invoke(main, ["ingest", str(garden), "--dry-run", "-v"])
     assert "ignored  1 by .gitignore: secret.md" in r.stdout and "ignored  secret.md (.gitignore: secret.md)" in r.stdout
     assert "skipped  keys/deploy_key: secret: key file (private key)" in r.stdout
+    r = CliRunner().invoke(main, ["ingest", str(garden), "--dry-run", "--json", "--no-ignore-files"])
+    d = json.loads(r.stdout)
+    assert set(d["indexed"]) - INDEXED == {"secret.md", "debug.log", "out/result.txt", "local-notes.md",
+                                           "docs/private.md", "docs/drafts/idea.md", "notes/scratch.md"}
+    assert set(d["ignored"]) == {documents.HIDDEN_RULE, "exclude: node_modules/"}
+
+
+def test_project_inside_a_work_tree_follows_the_ignore_files_above_it(tmp_path):
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    write(repo, ".gitignore", "*.tmp\n/docs/generated/\n")
+    write(repo, "docs/.gitignore", "!keep.tmp\n")
+    for rel in ("docs/a.md", "docs/x.tmp", "docs/keep.tmp", "docs/generated/api.md", "docs/sub/generated/b.md"):
+        write(repo, rel, "text\n")
+    out = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--directory"],
+                         cwd=repo, check=True, capture_output=True, text=True).stdout.split()
+    assert set(out) == {"docs/x.tmp", "docs/generated/"}
+    paths, skipped = documents.discover(repo / "docs")
+    assert sorted(p.relative_to(repo / "docs").as_posix() for p in paths) == ["a.md", "keep.tmp", "sub/generated/b.md"]
+    assert {(s.source, s.rule) for s in skipped} == {
+        (".gitignore", documents.HIDDEN_RULE), ("x.tmp", "../.gitignore: *.tmp"),
+        ("generated", "../.gitignore: /docs/generated/")}
 
 
 def test_ingest_indexes_every_text_file_and_nothing_private(garden, tmp_path, embedder):
