@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from woolocal_ingest import ingest
 from woolocal_ingest.chunking import ChunkSettings
+from woolocal_ingest.documents import SourceOptions
 from woolocal_ingest.embedders import load_embedder
 from woolocal_ingest.errors import WoolocalError
 from woolocal_ingest.stores import StoreChangedError
@@ -44,18 +45,19 @@ def _embedder(model: str | None, backend: str, batch_size: int, source: dict | N
 
 @task(name="discover", cache_policy=NO_CACHE, persist_result=False)
 def discover_task(project, root, stores_root, model, backend, batch_size, source, chunk_tokens, overlap_tokens,
-                  include, exclude, python_layout, rebuild=False):
+                  include, exclude, python_layout, rebuild=False, sources=None, move=False):
     emb = _embedder(model, backend, batch_size, source)
     if hasattr(emb, "ensure_ready"):
         emb.ensure_ready()  # a fallback embedder whose primary cannot load switches before anything is planned
     return ingest.plan_ingest(project, Path(root), Path(stores_root), emb, ChunkSettings(chunk_tokens, overlap_tokens),
-                              include, exclude, python_layout, rebuild)
+                              include, exclude, python_layout, rebuild, sources=SourceOptions.from_dict(sources),
+                              move=move)
 
 
 @task(name="load-and-chunk", cache_policy=NO_CACHE, persist_result=False)
-def load_chunk_task(root, rels, model, backend, batch_size, source, chunk_tokens, overlap_tokens):
+def load_chunk_task(root, rels, model, backend, batch_size, source, chunk_tokens, overlap_tokens, sources=None):
     return ingest.load_and_chunk(Path(root), rels, _embedder(model, backend, batch_size, source),
-                                 ChunkSettings(chunk_tokens, overlap_tokens))
+                                 ChunkSettings(chunk_tokens, overlap_tokens), SourceOptions.from_dict(sources))
 
 
 @task(name="embed-batch", cache_policy=NO_CACHE, persist_result=False)
@@ -183,7 +185,8 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
                 include: list[str] | None = None, exclude: list[str] | None = None,
                 python_layout: bool = False, task_runner: dict | None = None, rebuild: bool = False,
                 purpose: dict | None = None, purpose_name: str | None = None, model_override: str | None = None,
-                backend_override: str | None = None, cache: dict | None = None) -> dict:
+                backend_override: str | None = None, cache: dict | None = None, sources: dict | None = None,
+                move: bool = False) -> dict:
     """Discover → load+chunk per file group (concurrent) → embed → write; returns the run summary.
 
     `task_runner` (flows.yaml's, as a dict): with type thread (or None) the embedding runs in this process in batches
@@ -194,7 +197,8 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
 
     `purpose`, `purpose_name`, `model_override`, `backend_override` (the CLI's): build the embedder from flows.yaml's
     purpose as `--no-prefect` does; `rebuild`: re-embed everything (see `ingest.plan_ingest`); `cache`: the embedding
-    cache (flows.yaml's `cache` as a dict; None = none), used wherever the embedding runs.
+    cache (flows.yaml's `cache` as a dict; None = none), used wherever the embedding runs; `sources`: SourceOptions
+    as a dict (ignore files, secrets, size limit); `move`: the project folder moved (see `ingest.check_source_root`).
     """
     from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 
@@ -203,13 +207,15 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
     shard_chunks = _shard_mode(task_runner)
     t0 = time.perf_counter()
     plan = discover_task(project, root, stores_root, *m, chunk_tokens, overlap_tokens,
-                         tuple(include or DEFAULT_INCLUDE), tuple(exclude or DEFAULT_EXCLUDE), python_layout, rebuild)
+                         tuple(include or DEFAULT_INCLUDE), tuple(exclude or DEFAULT_EXCLUDE), python_layout, rebuild,
+                         sources, move)
     t_plan = time.perf_counter() - t0
     generation = getattr(_embedder(*m), "generation", 0)  # a fallback switch after this means: re-embed everything
     log.info("%s: %d files to load, %d unchanged, %d deleted", project, len(plan.to_load), len(plan.unchanged),
              len(plan.deleted))
     # Load+chunk tasks run concurrently on the task runner while earlier groups are being embedded.
-    futures = [load_chunk_task.submit(plan.root, g, *m, chunk_tokens, overlap_tokens) for g in plan.load_groups()]
+    futures = [load_chunk_task.submit(plan.root, g, *m, chunk_tokens, overlap_tokens, sources)
+               for g in plan.load_groups()]
     loaded, texts, vectors, seen = [], [], [], set()
     cached = 0
     t_wait = t_embed = 0.0
@@ -270,7 +276,8 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
             log.warning("%s: embedder switched to its fallback mid-run; re-embedding everything with it", project)
             return ingest.run_ingest(project, Path(root), Path(stores_root), _embedder(*m),
                                      ChunkSettings(chunk_tokens, overlap_tokens), tuple(include or DEFAULT_INCLUDE),
-                                     tuple(exclude or DEFAULT_EXCLUDE), python_layout, True, cache).to_dict()
+                                     tuple(exclude or DEFAULT_EXCLUDE), python_layout, True, cache,
+                                     SourceOptions.from_dict(sources), move).to_dict()
         try:
             summary = write_task(plan, loaded, texts, vectors, *m)
         except StoreChangedError:
@@ -279,7 +286,8 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
             log.warning("%s: the store was written by another program during the run; adopting that write", project)
             return ingest.run_ingest(project, Path(root), Path(stores_root), _embedder(*m),
                                      ChunkSettings(chunk_tokens, overlap_tokens), tuple(include or DEFAULT_INCLUDE),
-                                     tuple(exclude or DEFAULT_EXCLUDE), python_layout, rebuild, cache).to_dict()
+                                     tuple(exclude or DEFAULT_EXCLUDE), python_layout, rebuild, cache,
+                                     SourceOptions.from_dict(sources), move).to_dict()
     except BaseException:
         _discard([f for f, _ in shards])
         raise

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from woolocal_ingest import ingest as ingest_mod
 from woolocal_ingest.cli import main
 from woolocal_ingest.stores import Store, verify_store
+from store_copies import copy_stores
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample-project"
@@ -89,7 +90,7 @@ def copy(base, tmp_path):
     proj, stores, summary = base
     p, s = tmp_path / "garden", tmp_path / "stores"
     shutil.copytree(proj, p)
-    shutil.copytree(stores, s)
+    copy_stores(stores, s, p)
     return p, s, s / Path(summary["store"]).relative_to(stores)
 
 

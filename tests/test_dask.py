@@ -21,6 +21,7 @@ from woolocal_ingest.chunking import ChunkSettings
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import run_ingest
 from woolocal_ingest.stores import Store, store_dir, verify_store
+from store_copies import copy_stores
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample-project"
 PROJECT = "sample"
@@ -147,7 +148,8 @@ def _cached_model(flow_mod, embedder, model: str | None = None):
 @pytest.fixture
 def work(base, tmp_path):
     proj, stores, _ = base
-    return copy_project(tmp_path / "project", proj), Path(shutil.copytree(stores, tmp_path / "stores", symlinks=True))
+    project = copy_project(tmp_path / "project", proj)
+    return project, copy_stores(stores, tmp_path / "stores", project, symlinks=True)
 
 
 def _children() -> dict[int, str]:
@@ -244,7 +246,8 @@ def test_dask_on_a_running_cluster_reports_to_one_api(work, tmp_path, flow_mod, 
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     proj, stores = work
-    twin_proj, twin_stores = copy_project(tmp_path / "twin", proj), Path(shutil.copytree(stores, tmp_path / "tw-st"))
+    twin_proj = copy_project(tmp_path / "twin", proj)
+    twin_stores = copy_stores(stores, tmp_path / "tw-st", twin_proj)
     for p in (proj, twin_proj):
         (p / "history.md").write_text((p / "history.md").read_text(encoding="utf-8")
                                       + "\n## Since then\n\nA pond was dug in 2025 near the south fence.\n")

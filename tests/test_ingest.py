@@ -21,6 +21,7 @@ from woolocal_ingest.chunking import ChunkSettings
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import run_ingest
 from woolocal_ingest.stores import Store, store_dir, verify_store
+from store_copies import copy_stores
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample-project"
 SETTINGS = ChunkSettings(200, 32)
@@ -92,7 +93,7 @@ def base(tmp_path_factory, embedder):
 def work(base, tmp_path, embedder) -> Work:
     proj, stores, _, _ = base
     shutil.copytree(proj, tmp_path / "project", symlinks=True)
-    shutil.copytree(stores, tmp_path / "stores", symlinks=True)
+    copy_stores(stores, tmp_path / "stores", tmp_path / "project", symlinks=True)
     return Work(tmp_path / "project", tmp_path / "stores", embedder)
 
 
@@ -293,7 +294,7 @@ def test_bad_new_files_are_skipped_with_reasons(work, monkeypatch):
     p = work.proj / "bad"
     p.mkdir()
     (p / "blob.txt").write_bytes(b"ELF\x00\x01\x02binary\x00" * 50)
-    (p / "latin1.md").write_bytes("# Caf\xe9 notes\n\nR\xe9sum\xe9 of the d\xe9bat.\n".encode("latin-1"))
+    (p / "doc.pdf.bak").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 8)
     (p / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R\nthis is not a pdf at all")
     (p / "empty.txt").write_text("   \n\n", encoding="utf-8")
     (p / "secret.md").write_text("# Secret\n\nThe shed combination is 4-1-7.\n", encoding="utf-8")
@@ -309,7 +310,7 @@ def test_bad_new_files_are_skipped_with_reasons(work, monkeypatch):
     s = work.ingest()
     reasons = {x["source"]: x["reason"] for x in s.skipped_files}
     expect = {
-        "bad/blob.txt": "binary", "bad/latin1.md": "UTF-8", "bad/broken.pdf": "corrupt PDF", "bad/empty.txt": "empty",
+        "bad/blob.txt": "binary", "bad/doc.pdf.bak": "binary", "bad/broken.pdf": "corrupt PDF", "bad/empty.txt": "empty",
         "bad/secret.md": "permission denied", "bad/self.md": "symlink loop", "bad/loop": "symlink loop",
         "bad/dangling.md": "broken symlink", "bad/fleeting.md": "vanished",
     }
@@ -340,7 +341,8 @@ def _self_link(monkeypatch, path: Path) -> None:
 
 BREAKERS = {
     "binary": lambda mp, p: p.write_bytes(b"\x00\x01garbage\x00" * 100),
-    "undecodable": lambda mp, p: p.write_bytes(b"# History\n\n\xff\xfe\xfa broken bytes " * 20),
+    # a UTF-16 byte-order mark and then an odd number of bytes: no encoding reads it
+    "undecodable": lambda mp, p: p.write_bytes(b"\xff\xfe" + "# History broken".encode("utf-16-le") + b"\xd8"),
     "permission denied": deny_read,
     "vanished": _changed_then_vanishes,
     "symlink loop": _self_link,
@@ -461,7 +463,7 @@ def prefect_flow(monkeypatch, embedder, tmp_path):
 def test_prefect_flow_matches_in_process_run(work, prefect_flow, tmp_path, embedder):
     twin = Work(tmp_path / "twin-project", tmp_path / "twin-stores", embedder)
     shutil.copytree(work.proj, twin.proj, symlinks=True)
-    shutil.copytree(work.stores, twin.stores, symlinks=True)
+    copy_stores(work.stores, twin.stores, twin.proj, symlinks=True)
     for w in (work, twin):
         (w.proj / "history.md").write_text((w.proj / "history.md").read_text(encoding="utf-8")
                                            + "\n## Since then\n\nA pond was dug in 2025 near the south fence.\n")

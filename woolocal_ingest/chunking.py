@@ -23,10 +23,13 @@ LANGUAGE_BY_TYPE: dict[str, Language] = {
     "c": Language.C, "h": Language.C, "cpp": Language.CPP, "hpp": Language.CPP, "cc": Language.CPP,
     "rb": Language.RUBY, "php": Language.PHP, "scala": Language.SCALA, "swift": Language.SWIFT,
     "kt": Language.KOTLIN, "cs": Language.CSHARP, "lua": Language.LUA,
+    "docx": Language.MARKDOWN, "ipynb": Language.MARKDOWN,  # loaded as Markdown text (documents.py)
 }
 # Bump when chunk boundaries or metadata change: stores built by an older chunker are re-chunked on the next ingest.
-CHUNKER_VERSION = 2
-_HEADED = {"md", "markdown", "html", "htm", "xhtml", "rst"}
+# 3: heading-only and few-token pieces merged into a neighbour; secrets redacted before chunking.
+CHUNKER_VERSION = 3
+MIN_CHUNK_TOKENS = 16  # a piece with fewer tokens (or only headings) is merged into its neighbour
+_HEADED = {"md", "markdown", "html", "htm", "xhtml", "rst", "docx", "ipynb"}
 _MD_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.M)
 _MD_FENCE = re.compile(r"^[ \t]{0,3}(`{3,}|~{3,})")
 _RST_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+:.<>_])\1{2,}[ \t]*$")
@@ -135,6 +138,7 @@ def chunk_document(doc: Document, counter: "TokenCounter", settings: ChunkSettin
             if part.strip():
                 pieces.append((max(start, 0) + offset, part))
             offset += len(part)
+    pieces = _merge_thin(pieces, text, counter, limit)
     line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
     heads = _headings(doc)
     head_pos = [h[0] for h in heads]
@@ -151,6 +155,52 @@ def chunk_document(doc: Document, counter: "TokenCounter", settings: ChunkSettin
         chunks.append(Chunk(id=chunk_id(doc.id, i), text=piece, source=doc.id, chunk=i, metadata=meta,
                             sha256=Chunk.text_sha256(piece)))
     return chunks
+
+
+def _heading_only(piece: str) -> bool:
+    """Every non-blank line is a Markdown heading, a reST title or its under/overline."""
+    lines = [line for line in piece.split("\n") if line.strip()]
+    for i, line in enumerate(lines):
+        if _MD_HEADING.match(line) or _RST_UNDERLINE.match(line):
+            continue
+        if i + 1 < len(lines) and _RST_UNDERLINE.match(lines[i + 1]):
+            continue
+        return False
+    return bool(lines)
+
+
+def _merge_thin(pieces: list[tuple[int, str]], text: str, counter: "TokenCounter",
+                limit: int) -> list[tuple[int, str]]:
+    """Pieces where one that is only a heading, or has fewer than MIN_CHUNK_TOKENS tokens, is joined with the piece
+    after it (a heading belongs to what follows) or, for the last one, the piece before, as one span of the text;
+    never past the model's limit. A heading alone ranks high for its words and answers nothing."""
+    out = list(pieces)
+
+    def thin(p: tuple[int, str]) -> bool:
+        # few tokens *and* few characters: a long run the tokenizer maps to one [UNK] is not a small piece
+        return _heading_only(p[1]) or (len(p[1]) < 8 * MIN_CHUNK_TOKENS and counter.count(p[1]) < MIN_CHUNK_TOKENS)
+
+    def joined(a: tuple[int, str], b: tuple[int, str]) -> tuple[int, str] | None:
+        if text[a[0]:a[0] + len(a[1])] != a[1] or text[b[0]:b[0] + len(b[1])] != b[1] or b[0] < a[0]:
+            return None  # not located in the text: leave as is
+        span = text[a[0]:max(a[0] + len(a[1]), b[0] + len(b[1]))]
+        return (a[0], span) if counter.count(span) <= limit else None
+
+    i = 0
+    while i < len(out) and len(out) > 1:
+        if not thin(out[i]):
+            i += 1
+            continue
+        if i + 1 < len(out) and (m := joined(out[i], out[i + 1])) is not None:
+            out[i : i + 2] = [m]
+        elif i > 0 and (m := joined(out[i - 1], out[i])) is not None:
+            out[i - 1 : i + 1] = [m]
+            i -= 1
+            if not thin(out[i]):
+                i += 1
+        else:
+            i += 1
+    return out
 
 
 def chunk_documents(docs: Iterable[Document], counter: "TokenCounter", settings: ChunkSettings,

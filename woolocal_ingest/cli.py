@@ -95,13 +95,16 @@ class _Bar:
             self.bar.close()
 
 
-def _resolve_target(cfg, target: str):
+def _resolve_target(cfg, target: str, name: str | None = None):
     proj = cfg.project(target)
     if proj is not None:
+        if name is not None and name != proj.name:
+            raise click.BadParameter(f"--name {name!r}: {target!r} is a project declared in flows.yaml; --name "
+                                     "names a folder's project (rename it in flows.yaml)", param_hint="--name")
         return proj
     p = Path(target).expanduser()
     if p.is_dir():
-        return cfg.adhoc_project(p)
+        return cfg.adhoc_project(p, name)
     declared = ", ".join(x.name for x in cfg.projects) or "none"
     raise click.BadParameter(f"{target!r} is neither a project declared in flows.yaml (declared: {declared}) "
                              "nor an existing folder", param_hint="PROJECT_NAME|PATH")
@@ -117,17 +120,28 @@ def _resolve_target(cfg, target: str):
               help="Also write LangChain Python's index.faiss + index.pkl.")
 @click.option("--no-prefect", is_flag=True, help="Run the same steps in-process, without the Prefect flow.")
 @click.option("--no-cache", is_flag=True, help="Embed without the embedding cache (neither read nor written).")
+@click.option("--no-ignore-files", is_flag=True,
+              help="Index what .gitignore, .git/info/exclude and .woolocalignore leave out (flows.yaml exclude holds).")
+@click.option("--dry-run", is_flag=True, help="Show what would be indexed and what not, and why; load no model.")
+@click.option("--name", default=None, help="Project name for a folder (default: the folder's name).")
+@click.option("--move", is_flag=True, help="The project's folder moved: re-point its store to this folder.")
+@click.option("-v", "--verbose", "names", is_flag=True, help="Name every ignored file (default: counts by rule).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.pass_obj
-def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no_prefect, no_cache, as_json):
+def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no_prefect, no_cache, no_ignore_files,
+           dry_run, name, move, names, as_json):
     """Ingest a project (declared in flows.yaml, or a folder) into its dimension-tagged store."""
     with _work_errors(obj, "ingest"):
         cfg = obj.config
-        proj = _resolve_target(cfg, target)
+        proj = _resolve_target(cfg, target, name)
+        if dry_run:
+            _dry_run(cfg, proj, no_ignore_files, as_json, names or obj.verbose)
+            return
         from woolocal_ingest import ingest as ingest_mod
 
         params = ingest_mod.ingest_params(cfg, proj, stores=stores, model=model, backend=backend,
-                                          python_layout=python_layout, rebuild=rebuild, no_cache=no_cache)
+                                          python_layout=python_layout, rebuild=rebuild, no_cache=no_cache,
+                                          ignore_files=False if no_ignore_files else None, move=move)
 
         bar = _Bar(enabled=sys.stderr.isatty())
         ingest_mod.set_progress(bar)
@@ -144,18 +158,64 @@ def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no
     if as_json:
         _emit_json(summary)
     else:
-        _print_ingest_summary(summary)
+        _print_ingest_summary(summary, names or obj.verbose)
+
+
+def _dry_run(cfg, proj, no_ignore_files: bool, as_json: bool, names: bool) -> None:
+    """`ingest --dry-run`: discover, read and parse as ingest would (secrets included), no model, nothing written."""
+    from woolocal_ingest.documents import describe_redactions, survey
+
+    sources = cfg.sources(proj, ignore_files=False if no_ignore_files else None)
+    root = cfg.project_root(proj)
+    sv = survey(root, proj.include, proj.exclude, sources)
+    skipped = [{"source": s.source, "reason": s.reason, "kind": s.kind, **({"rule": s.rule} if s.rule else {})}
+               for s in sv.skipped]
+    ignored: dict[str, int] = {}
+    for sk in skipped:
+        if sk["kind"] == "ignored":
+            ignored[sk["rule"]] = ignored.get(sk["rule"], 0) + 1
+    out = {"project": proj.name, "root": str(root), "dry_run": True,
+           "indexed": [d.id for d in sv.indexed],
+           "redacted_files": [{"source": d.id, "lines": describe_redactions(d.redactions)}
+                              for d in sv.indexed if d.redactions],
+           "skipped": len(skipped), "skipped_files": skipped, "ignored": ignored,
+           "files": {"found": len(sv.indexed) + len(skipped), "indexed": len(sv.indexed), "skipped": len(skipped)}}
+    if as_json:
+        _emit_json(out)
+        return
+    lines = [f"dry run {proj.name} ({root}): {len(sv.indexed)} of {out['files']['found']} found would be indexed"]
+    lines += [f"  index    {d}" for d in out["indexed"]]
+    lines += _left_out_lines(out, names)
+    click.echo("\n".join(lines))
+
+
+def _left_out_lines(s: dict, names: bool) -> list[str]:
+    """Summary lines for every entry not indexed: ignored counted by rule (names with -v), the rest one by one."""
+    lines = []
+    for rule, n in sorted(s.get("ignored", {}).items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  ignored  {n} by {rule}")
+    for sk in s["skipped_files"]:
+        if sk.get("kind") == "ignored":
+            if names:
+                lines.append(f"  ignored  {sk['source']} ({sk.get('rule', '')})")
+        else:
+            lines.append(f"  skipped  {sk['source']}: {sk['reason']}")
+    for r in s.get("redacted_files", []):
+        lines.append(f"  redacted {r['source']}: {r['lines']}")
+    return lines
 
 
 def _run_local(params: dict) -> dict:
     from woolocal_ingest.chunking import ChunkSettings
+    from woolocal_ingest.documents import SourceOptions
     from woolocal_ingest.ingest import run_ingest
 
     emb = _purpose_embedder(params)
     return run_ingest(params["project"], Path(params["root"]), Path(params["stores_root"]), emb,
                       ChunkSettings(params["chunk_tokens"], params["overlap_tokens"]), params["include"],
                       params["exclude"], params["python_layout"], params.get("rebuild", False),
-                      cache=params.get("cache")).to_dict()
+                      cache=params.get("cache"), sources=SourceOptions.from_dict(params.get("sources")),
+                      move=params.get("move", False)).to_dict()
 
 
 def _purpose_embedder(params: dict):
@@ -180,7 +240,7 @@ def _run_flow(params: dict, base_dir: Path, verbose: bool, task_runner: dict | N
     return flow_result(run_ingest_flow(params, task_runner), "ingest flow")  # run_ingest_flow applies flow_settings()
 
 
-def _print_ingest_summary(s: dict) -> None:
+def _print_ingest_summary(s: dict, names: bool = False) -> None:
     from woolocal_ingest.coowned import Adoption
 
     t = s.get("timings", {})
@@ -191,7 +251,7 @@ def _print_ingest_summary(s: dict) -> None:
         f"ingest {s['project']} -> {s['store']}" + ("" if s["written"] else "  (unchanged: nothing written)"),
         f"  model    {s['model']} ({s['dim']}d, {s['backend']}" + (f": {s['backend_reason']}" if s.get("backend_reason") else "") + ")",
         f"  chunks   {s['count']} in store: {s['added']} added, {s['updated']} updated, {s['unchanged']} unchanged, "
-        f"{s['deleted']} deleted",
+        f"{s['deleted']} deleted" + (f"; {s['duplicates']} duplicate chunks share vectors" if s.get("duplicates") else ""),
         f"  embedded {s['embedded']} in {emb_t:.1f}s{rate}" + (f" ({s['cached']} from the cache)" if s.get("cached") else "")
         + f"; {s['reused']} vectors reused" + (f"; padding {s['padding_waste']:.0%}" if s.get("padding_waste") else ""),
         f"  files    {f['found']} found, {f['loaded']} loaded, {f['unchanged']} unchanged, {f['deleted']} deleted, "
@@ -202,10 +262,10 @@ def _print_ingest_summary(s: dict) -> None:
         lines.append("  others   " + Adoption(**adoption).line())
     if s.get("backup"):
         lines.append(f"  backup   the unreadable previous store was kept at {s['backup']}")
-    for sk in s["skipped_files"][:20]:
-        lines.append(f"  skipped  {sk['source']}: {sk['reason']}")
-    if s["skipped"] > 20:
-        lines.append(f"  skipped  ... and {s['skipped'] - 20} more (--json lists all)")
+    left_out = _left_out_lines(s, names)
+    lines += left_out[:40]
+    if len(left_out) > 40:
+        lines.append(f"  ... and {len(left_out) - 40} more lines (--json lists every file)")
     lines.append(f"  time     {t.get('total', 0):.1f}s (plan {t.get('plan', 0):.1f}, load+chunk {t.get('load_chunk', 0):.1f}, "
                  f"embed {emb_t:.1f}, write {t.get('write', 0):.1f})")
     click.echo("\n".join(lines))

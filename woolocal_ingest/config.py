@@ -10,12 +10,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, SourceOptions
 from woolocal_ingest.errors import ConfigError
 
 CONFIG_FILE = "flows.yaml"
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 Backend = Literal["auto", "sentence-transformers", "onnx", "mlx", "openai-compatible"]
+Secrets = Literal["redact", "skip-file", "allow"]
 
 
 class _Strict(BaseModel):
@@ -134,6 +135,10 @@ class ProjectConfig(_Strict):
     chunking: ChunkingConfig | None = None
     python_layout: bool | None = None
     schedule: ScheduleConfig | None = None
+    # what is taken from the folder (default: `defaults`): .gitignore/.woolocalignore, secrets, size limit
+    ignore_files: bool | None = None
+    secrets: Secrets | None = None
+    max_file_mb: float | None = Field(default=None, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -218,6 +223,9 @@ class Defaults(_Strict):
     stores_root: Path = Path("stores")
     chunking: ChunkingConfig = ChunkingConfig()
     python_layout: bool = False
+    ignore_files: bool = True  # .gitignore at every level, .git/info/exclude, .woolocalignore
+    secrets: Secrets = "redact"  # redact | skip-file | allow
+    max_file_mb: float = Field(default=20.0, gt=0)  # larger files are reported as too large, never read
 
 
 class FlowsConfig(_Strict):
@@ -286,6 +294,16 @@ class FlowsConfig(_Strict):
     def python_layout(self, project: ProjectConfig) -> bool:
         return self.defaults.python_layout if project.python_layout is None else project.python_layout
 
+    def sources(self, project: ProjectConfig, ignore_files: bool | None = None) -> SourceOptions:
+        """What ingest takes from the project's folder; `ignore_files` False (`--no-ignore-files`) overrides."""
+        d = self.defaults
+        pick = lambda own, default: default if own is None else own  # noqa: E731
+        return SourceOptions(
+            ignore_files=pick(ignore_files, pick(project.ignore_files, d.ignore_files)),
+            secrets=pick(project.secrets, d.secrets),
+            max_file_mb=pick(project.max_file_mb, d.max_file_mb),
+        )
+
     def purpose(self, name: str) -> PurposeConfig:
         return self.purposes[name]
 
@@ -299,9 +317,14 @@ class FlowsConfig(_Strict):
         """The declared migration called `name`, or None."""
         return next((m for m in self.migrations if m.name == name), None)
 
-    def adhoc_project(self, path: Path) -> ProjectConfig:
-        """A project for a folder that flows.yaml does not declare (named after the folder)."""
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name).strip("-.") or "project"
+    def adhoc_project(self, path: Path, name: str | None = None) -> ProjectConfig:
+        """A project for a folder that flows.yaml does not declare (named `name`, else after the folder)."""
+        if name is not None:
+            try:
+                _check_name(name, "project")
+            except ValueError as e:
+                raise ConfigError(f"--name: {e}") from None
+        name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name).strip("-.") or "project"
         return ProjectConfig(name=name, path=path.resolve())
 
 

@@ -1,4 +1,9 @@
-"""Find a project's files and turn each one into a text Document, or a Skipped entry that says why not."""
+"""Find a project's files and turn each one into a text Document, or a Skipped entry that says why not.
+
+Every entry the walk meets is accounted for: a file is either loaded, or Skipped with one reason and a `kind`
+(ignored, secret, too-large, binary, empty, unreadable). What is left out by ignore rules is decided in
+`woolocal_ingest.ignore`; secrets are found by `woolocal_ingest.secrets` before any text is chunked.
+"""
 
 from __future__ import annotations
 
@@ -15,23 +20,53 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import json
+
 from bs4 import BeautifulSoup, CData, NavigableString, Tag
 from bs4.exceptions import ParserRejectedMarkup
 from pypdf import PasswordType, PdfReader
 
 from woolocal_ingest.errors import DocumentError
+from woolocal_ingest.ignore import IgnoreRules, PatternFile, Rule
+from woolocal_ingest.secrets import SECRETS_MODES, Finding, SecretsMode, is_key_file, redact, scan
 
 __all__ = [
     "DEFAULT_EXCLUDE",
     "DEFAULT_INCLUDE",
     "Document",
+    "describe_redactions",
+    "SkipError",
     "Skipped",
     "SourceFile",
+    "SourceOptions",
+    "Survey",
     "discover",
     "load_documents",
     "parse",
     "read_source",
+    "survey",
 ]
+
+HIDDEN_RULE = "hidden: name starts with '.'"
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What is taken from a project folder besides include/exclude (flows.yaml keys of the same names)."""
+
+    ignore_files: bool = True  # .gitignore (every level), .git/info/exclude, .woolocalignore
+    secrets: SecretsMode = "redact"  # redact | skip-file | allow
+    max_file_mb: float = 20.0  # larger files are reported as too large, never read
+
+    def __post_init__(self) -> None:
+        if self.secrets not in SECRETS_MODES:
+            raise ValueError(f"secrets: {self.secrets!r} is not one of {', '.join(SECRETS_MODES)}")
+        if not self.max_file_mb > 0:
+            raise ValueError(f"max_file_mb: must be greater than 0 (got {self.max_file_mb!r})")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> SourceOptions:
+        return cls(**d) if d else cls()
 
 
 @dataclass(frozen=True)
@@ -53,15 +88,40 @@ class Document:
     text: str
     file_type: str  # kind derived from the extension: "md", "txt", "rst", "csv", "html", "pdf", "code"
     sha256: str  # sha256 of the raw file bytes
-    metadata: dict[str, Any]  # {"source", "fileName", "fileType"} (+ "title" for HTML, "pages" for PDF)
+    metadata: dict[str, Any]  # {"source", "fileName", "fileType"} (+ "title", "pages", "encoding" when not UTF-8)
+    redactions: tuple[Finding, ...] = ()  # secret lines replaced by a marker before chunking
+
+
+# Kinds of Skipped whose file keeps the chunks a previous run stored (a failed read loses nothing); the others are
+# decisions about the file itself (left out by a rule, a secret, too large): its old chunks leave the store.
+_KEEPS_PREVIOUS = frozenset({"unreadable", "binary", "empty"})
 
 
 @dataclass(frozen=True)
 class Skipped:
-    """A file or folder that was left out, and the human-readable reason."""
+    """A file or folder that was left out, the human-readable reason, and its kind."""
 
     source: str  # rel path (or the path as found)
     reason: str
+    kind: str = "unreadable"  # ignored | secret | too-large | binary | empty | unreadable | linked
+    rule: str = ""  # kind "ignored": the rule, e.g. "docs/.gitignore: *.log"
+
+    @property
+    def keeps_previous(self) -> bool:
+        """True when a file that was indexed before keeps its chunks (it could not be read this time)."""
+        return self.kind in _KEEPS_PREVIOUS
+
+    @classmethod
+    def from_error(cls, source: str, exc: DocumentError) -> Skipped:
+        return cls(source, str(exc), kind=getattr(exc, "kind", "unreadable"))
+
+
+class SkipError(DocumentError):
+    """Why one file is not indexed, with the kind of reason (binary, empty, secret, unreadable)."""
+
+    def __init__(self, reason: str, kind: str = "unreadable") -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 _MARKDOWN_EXTENSIONS = ("md", "markdown")
@@ -74,83 +134,24 @@ _CODE_EXTENSIONS = (
     "css", "scss", "vue", "svelte", "toml", "yaml", "yml", "json", "ini", "cfg", "xml", "proto",
 )
 
-DEFAULT_INCLUDE: tuple[str, ...] = tuple(
-    f"*.{ext}"
-    for ext in (
-        *_MARKDOWN_EXTENSIONS, *_TEXT_EXTENSIONS, "rst", *_HTML_EXTENSIONS, "pdf", *_CSV_EXTENSIONS,
-        *_CODE_EXTENSIONS,
-    )
-)
+_WORD_EXTENSIONS = ("docx",)
+_NOTEBOOK_EXTENSIONS = ("ipynb",)
+
+# Every file: whether it is text is decided by its content (Makefile, LICENSE, CHANGES, news/*), and a file that
+# is not is reported (binary), never silently passed over.
+DEFAULT_INCLUDE: tuple[str, ...] = ("*",)
 DEFAULT_EXCLUDE: tuple[str, ...] = (
-    "**/node_modules/**",
-    "**/__pycache__/**",
-    "**/venv/**",
-    "**/site-packages/**",
-    "**/dist/**",
-    "**/build/**",
+    "node_modules/",
+    "__pycache__/",
+    "venv/",
+    "site-packages/",
+    "dist/",
+    "build/",
     "*.min.js",
     "*.min.css",
     "package-lock.json",
     "pnpm-lock.yaml",
 )
-
-# ---------------------------------------------------------------------------- globs
-
-
-def _glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """Translate a glob over posix paths: `*` and `?` stay inside one folder name, `**/` is any number of folders."""
-    out: list[str] = []
-    i, n = 0, len(pattern)
-    while i < n:
-        if pattern.startswith("**", i):
-            i += 2
-            if i < n and pattern[i] == "/":
-                out.append("(?:[^/]+/)*")
-                i += 1
-            else:
-                out.append(".*")
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        elif pattern[i] == "[" and (end := pattern.find("]", i + 2)) != -1:
-            body = pattern[i + 1 : end].replace("\\", "\\\\").replace("[", "\\[")
-            if body.startswith("!"):
-                body = "^" + body[1:]
-            elif body.startswith("^"):
-                body = "\\" + body
-            out.append(f"[{body}]")
-            i = end + 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out))
-
-
-@dataclass(frozen=True)
-class _Globs:
-    """Compiled patterns; a pattern without '/' is matched against the bare file name."""
-
-    patterns: tuple[tuple[re.Pattern[str], bool], ...]  # (regex, name_only)
-    folder_prefixes: tuple[re.Pattern[str], ...]  # "x/**" patterns: a folder matching x is pruned whole
-
-    @classmethod
-    def compile(cls, globs: Iterable[str]) -> _Globs:
-        globs = tuple(globs)
-        return cls(
-            patterns=tuple((_glob_to_regex(g), "/" not in g) for g in globs),
-            folder_prefixes=tuple(_glob_to_regex(g[:-3]) for g in globs if g.endswith("/**") and len(g) > 3),
-        )
-
-    def match_file(self, rel: str) -> bool:
-        name = rel.rpartition("/")[2]
-        return any(rx.fullmatch(name if name_only else rel) for rx, name_only in self.patterns)
-
-    def match_folder(self, rel: str) -> bool:
-        return self.match_file(rel) or any(rx.fullmatch(rel) for rx in self.folder_prefixes)
-
 
 # ---------------------------------------------------------------------------- discovery
 
@@ -167,27 +168,45 @@ def _os_reason(exc: OSError) -> str:
 
 
 _FolderKey = tuple[int, int]  # (st_dev, st_ino)
-_Folder = tuple[Path, str, _FolderKey, frozenset[_FolderKey]]  # (path, rel, its key, its ancestors' keys)
+
+
+@dataclass(frozen=True)
+class _Folder:
+    path: Path
+    rel: str
+    key: _FolderKey
+    ancestors: frozenset[_FolderKey]
+    rules: IgnoreRules
 
 
 def _join(base: str, name: str) -> str:
     return f"{base}/{name}" if base else name
 
 
+def _ignored(rel: str, rule: Rule | str) -> Skipped:
+    text = str(rule)
+    return Skipped(rel, f"ignored by {text}", kind="ignored", rule=text)
+
+
 def discover(
     root: Path,
     include: Iterable[str] = DEFAULT_INCLUDE,
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
+    options: SourceOptions | None = None,
 ) -> tuple[list[Path], list[Skipped]]:
-    """Files under root matching include and not exclude, sorted by their posix path relative to root.
+    """Files under root to index, sorted by their posix path relative to root, and every entry left out, with why.
 
-    Globs match that relative path; `**/` stands for any number of folders and a pattern without '/'
-    matches the file name at any depth. Hidden entries (name starting with '.', so .git too) are
-    skipped without being walked. Symlinked folders are followed, each folder is walked only once
-    (real folders win over symlinks to them); a link back to an ancestor is reported as 'symlink loop'.
-    Broken symlinks and unreadable folders are reported in the Skipped list. Raises DocumentError
-    only when root itself is not a readable folder.
+    `include` and `exclude` are gitignore-style patterns (pathspec): a pattern without '/' matches a name at any
+    depth, one with '/' is anchored at the root, `**` is any number of folders, a trailing '/' matches folders only.
+    With `options.ignore_files` (default) the `.gitignore` files of every folder, `.git/info/exclude` when root is in
+    a git work tree, and `.woolocalignore` files apply as git applies them (see woolocal_ingest.ignore). Hidden
+    entries (name starting with '.', so .git too) are left out without being walked. A folder that is left out is
+    reported once, not walked. Files over `options.max_file_mb` are reported as too large without being read.
+    Symlinked folders are followed, each folder is walked only once (real folders win over symlinks to them); a link
+    back to an ancestor is reported as 'symlink loop'. Broken symlinks and unreadable folders are reported too.
+    Raises DocumentError only when root itself is not a readable folder.
     """
+    options = options or SourceOptions()
     root = Path(root).absolute()
     try:
         root_stat = root.stat()
@@ -196,55 +215,69 @@ def discover(
     if not stat.S_ISDIR(root_stat.st_mode):
         raise DocumentError(f"project folder {root}: not a folder")
 
-    included, excluded = _Globs.compile(include), _Globs.compile(exclude)
+    included = PatternFile.from_lines("include", "", list(include))
+    rules = IgnoreRules.for_root(root, exclude=tuple(exclude), use_files=options.ignore_files)
+    max_bytes = int(options.max_file_mb * 1024 * 1024)
     found: list[tuple[str, Path]] = []
     skipped: list[Skipped] = []
     seen: set[_FolderKey] = set()
     # Symlinked folders wait in `linked` until every real folder is walked, so a real folder keeps its own path.
-    real: list[_Folder] = [(root, "", (root_stat.st_dev, root_stat.st_ino), frozenset())]
+    real: list[_Folder] = [_Folder(root, "", (root_stat.st_dev, root_stat.st_ino), frozenset(), rules)]
     linked: list[_Folder] = []
 
     while real or linked:
-        folder, base, key, ancestors = real.pop() if real else linked.pop(0)
-        if key in ancestors:
+        fold = real.pop() if real else linked.pop(0)
+        base, key = fold.rel, fold.key
+        if key in fold.ancestors:
             skipped.append(Skipped(base, "symlink loop"))
             continue
         if key in seen:
-            skipped.append(Skipped(base, "folder already walked through another path"))
+            skipped.append(Skipped(base, "folder already walked through another path", kind="linked"))
             continue
         seen.add(key)
         try:
-            with os.scandir(folder) as it:
+            with os.scandir(fold.path) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             skipped.append(Skipped(base or ".", _os_reason(exc)))
             continue
+        here = fold.rules if not base else fold.rules.enter(fold.path, base)
 
-        chain = ancestors | {key}
+        chain = fold.ancestors | {key}
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
             rel = _join(base, entry.name)
-            path = folder / entry.name
+            if entry.name.startswith("."):
+                skipped.append(_ignored(rel, HIDDEN_RULE))
+                continue
+            path = fold.path / entry.name
             is_link = False
             try:
                 is_link = entry.is_symlink()
                 st = path.stat() if is_link else entry.stat(follow_symlinks=False)
             except OSError as exc:
-                if included.match_file(rel) and not excluded.match_file(rel):
+                if here.ignored(rel, False) is None and included.decide(rel, False)[0]:
                     reason = "broken symlink" if exc.errno == errno.ENOENT and is_link else _os_reason(exc)
                     skipped.append(Skipped(rel, reason))
                 continue
-            if stat.S_ISDIR(st.st_mode):
-                if not excluded.match_folder(rel):
-                    (linked if is_link else real).append((path, rel, (st.st_dev, st.st_ino), chain))
-            elif stat.S_ISREG(st.st_mode) and included.match_file(rel) and not excluded.match_file(rel):
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if not is_dir and not stat.S_ISREG(st.st_mode):
+                continue  # sockets, fifos, devices: not files a user keeps
+            rule = here.ignored(rel, is_dir)
+            if rule is not None:
+                skipped.append(_ignored(rel, rule))
+            elif is_dir:
+                (linked if is_link else real).append(_Folder(path, rel, (st.st_dev, st.st_ino), chain, here))
+            elif not included.decide(rel, False)[0]:
+                skipped.append(_ignored(rel, "include: no pattern matches"))
+            elif st.st_size > max_bytes:
+                skipped.append(Skipped(rel, f"too large ({st.st_size / 1048576:.1f} MB > max_file_mb "
+                                            f"{options.max_file_mb:g})", kind="too-large"))
+            else:
                 found.append((rel, path))
 
     found.sort(key=lambda item: item[0])
     skipped.sort(key=lambda s: s.source)
     return [path for _, path in found], skipped
-
 
 # ---------------------------------------------------------------------------- reading
 
@@ -280,27 +313,129 @@ def _kind(ext: str) -> str:
         return "csv"
     if ext in ("rst", "pdf"):
         return ext
+    if ext in _WORD_EXTENSIONS:
+        return "docx"
+    if ext in _NOTEBOOK_EXTENSIONS:
+        return "ipynb"
     if ext in _CODE_EXTENSIONS:
         return "code"
-    return "txt"
+    return "txt"  # no extension or an unknown one: text if its content is
 
 
-def _decode_text(data: bytes) -> str:
-    """UTF-8 (BOM stripped), or UTF-16 when it carries a BOM; anything else is refused."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        try:
-            text = data.decode("utf-16")
-        except UnicodeDecodeError as exc:
-            raise DocumentError(f"not UTF-16 text (bad bytes at offset {exc.start})") from exc
-        if "\x00" in text:
-            raise DocumentError("binary file (NUL bytes)")
-        return text
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+
+
+def _looks_binary(text: str) -> bool:
+    """NUL or more than 1% other control characters (tab, newlines and form feed are text)."""
+    return "\x00" in text or len(_CONTROL.findall(text[:65536])) > 0.01 * min(len(text), 65536)
+
+
+def _decode_text(data: bytes) -> tuple[str, str]:
+    """(text, encoding): a BOM decides; else UTF-8; else the encoding charset-normalizer detects. Binary data
+    (NUL bytes outside UTF-16/32, control characters, no encoding that fits) raises SkipError kind 'binary'."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                text = data.decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise SkipError(f"not {encoding.upper()} text (bad bytes at offset {exc.start})") from exc
+            if _looks_binary(text):
+                raise SkipError("binary file (NUL bytes)", kind="binary")
+            return text.removeprefix("\ufeff"), "utf-8" if encoding == "utf-8-sig" else encoding
     if b"\x00" in data:
-        raise DocumentError("binary file (NUL bytes)")
+        # UTF-16 without a BOM: ASCII-range text has a NUL in every other byte, at odd offsets (LE) or even (BE)
+        for encoding, zeros, chars in (("utf-16-le", data[1::2], data[0::2]), ("utf-16-be", data[0::2], data[1::2])):
+            if len(data) >= 8 and zeros.count(0) > 0.6 * len(zeros) and chars.count(0) < 0.05 * len(chars):
+                try:
+                    text = data.decode(encoding)
+                except UnicodeDecodeError:
+                    break
+                if not _looks_binary(text):
+                    return text, encoding
+        raise SkipError("binary file (NUL bytes)", kind="binary")
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DocumentError(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from exc
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    import charset_normalizer
+
+    matches = list(charset_normalizer.from_bytes(data))
+    if not matches:
+        raise SkipError("binary file (no text encoding fits)", kind="binary")
+    best = matches[0]
+    # Single-byte code pages that read the bytes equally well tie; Windows-1252 is by far the most common of them.
+    ties = [m for m in matches if (m.chaos, m.coherence) == (best.chaos, best.coherence)]
+    best = next((m for m in ties if m.encoding == "cp1252"), best)
+    text = str(best)
+    if _looks_binary(text):
+        raise SkipError("binary file (control characters)", kind="binary")
+    return text, best.encoding.replace("_", "-")
+
+
+def _docx_text(data: bytes) -> tuple[str, dict[str, Any]]:
+    """A Word document as Markdown-ish text: headings as '#' lines, paragraphs, list items, tables row by row."""
+    import docx
+    from docx.table import Table
+
+    try:
+        doc = docx.Document(io.BytesIO(data))
+    except Exception as exc:  # python-docx raises zipfile, KeyError, lxml errors on damaged files
+        raise SkipError(f"corrupt Word document: {exc or type(exc).__name__}") from exc
+    parts: list[str] = []
+    for block in doc.iter_inner_content():
+        if isinstance(block, Table):
+            rows = []
+            for row in block.rows:
+                cells = [_collapse(cell.text) for cell in row.cells]
+                rows.append(" | ".join(cells))
+            if any(r.strip(" |") for r in rows):
+                parts.append("\n".join(rows))
+            continue
+        text = block.text.strip()
+        if not text:
+            continue
+        style = (block.style.name if block.style is not None else "") or ""
+        if style == "Title":
+            parts.append(f"# {_collapse(text)}")
+        elif style.startswith("Heading") and style[7:].strip().isdigit():
+            parts.append(f"{'#' * min(int(style[7:]), 6)} {_collapse(text)}")
+        elif style.startswith("List"):
+            parts.append(f"- {text}")
+        else:
+            parts.append(text)
+    meta: dict[str, Any] = {}
+    if doc.core_properties.title:
+        meta["title"] = doc.core_properties.title
+    return "\n\n".join(parts), meta
+
+
+def _notebook_text(data: bytes) -> tuple[str, dict[str, Any]]:
+    """A Jupyter notebook's markdown and code cells (code fenced with the kernel's language); outputs are left out."""
+    text, _ = _decode_text(data)
+    try:
+        nb = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SkipError(f"not a Jupyter notebook (invalid JSON at line {exc.lineno})") from exc
+    cells = nb.get("cells") if isinstance(nb, dict) else None
+    if not isinstance(cells, list):
+        raise SkipError("not a Jupyter notebook (no 'cells' list; nbformat 4 expected)")
+    meta = nb.get("metadata") if isinstance(nb.get("metadata"), dict) else {}
+    lang = (meta.get("kernelspec") or {}).get("language") or (meta.get("language_info") or {}).get("name") or ""
+    parts: list[str] = []
+    for cell in cells:
+        if not isinstance(cell, dict):
+            continue
+        src = cell.get("source", "")
+        src = "".join(src) if isinstance(src, list) else str(src)
+        if not src.strip():
+            continue
+        if cell.get("cell_type") == "code":
+            parts.append(f"```{lang}\n{src.rstrip()}\n```")
+        else:  # markdown and raw cells
+            parts.append(src.strip())
+    return "\n\n".join(parts), {"cells": len(cells)}
 
 
 _HTML_DROPPED = frozenset({"script", "style", "noscript", "template", "head", "title"})
@@ -320,7 +455,7 @@ def _collapse(text: str) -> str:
 def _html_text(data: bytes) -> tuple[str, dict[str, Any]]:
     """Visible text of an HTML page: one paragraph per block, headings as '# Title' lines."""
     if b"\x00" in data and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DocumentError("binary file (NUL bytes)")
+        raise SkipError("binary file (NUL bytes)", kind="binary")
     try:
         soup = BeautifulSoup(data, "html.parser")
     except ParserRejectedMarkup as exc:
@@ -380,36 +515,94 @@ def _pdf_text(data: bytes) -> tuple[str, dict[str, Any]]:
     return text, {"pages": len(pages)}
 
 
-def parse(source: SourceFile) -> Document:
-    """Turn a SourceFile into a Document by its extension; raises DocumentError with the reason it can't."""
+def parse(source: SourceFile, options: SourceOptions | None = None) -> Document:
+    """Turn a SourceFile into a Document by its extension and content; secrets are handled as `options.secrets`
+    says. Raises SkipError (a DocumentError) with the reason it can't."""
+    options = options or SourceOptions()
     name = PurePosixPath(source.rel).name
     ext = PurePosixPath(name).suffix.lower().lstrip(".")
     kind = _kind(ext)
     if not source.data.strip():
-        raise DocumentError("empty file")
+        raise SkipError("empty file", kind="empty")
 
     extra: dict[str, Any] = {}
     if kind == "pdf":
         text, extra = _pdf_text(source.data)
     elif kind == "html":
         text, extra = _html_text(source.data)
+    elif kind == "docx":
+        text, extra = _docx_text(source.data)
+    elif kind == "ipynb":
+        text, extra = _notebook_text(source.data)
     else:
-        text = _decode_text(source.data)
+        text, encoding = _decode_text(source.data)
+        if encoding != "utf-8":
+            extra["encoding"] = encoding
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.strip():
-        raise DocumentError("empty file")
+        raise SkipError("empty file", kind="empty")
 
+    findings: tuple[Finding, ...] = ()
+    if options.secrets != "allow":
+        found = scan(text)
+        if found:
+            kinds = ", ".join(sorted({f.kind for f in found}))
+            lines = _line_list([f.line for f in found])
+            if options.secrets == "skip-file":
+                raise SkipError(f"secret: {kinds} (line {lines}; secrets: skip-file)", kind="secret")
+            if is_key_file(text, found):
+                raise SkipError(f"secret: key file ({kinds})", kind="secret")
+            text, findings = redact(text, found), tuple(found)
+
+    file_type = "md" if kind in ("docx", "ipynb") else kind
     metadata: dict[str, Any] = {"source": source.rel, "fileName": name, "fileType": ext, **extra}
-    return Document(id=source.rel, text=text, file_type=kind, sha256=source.sha256, metadata=metadata)
+    return Document(id=source.rel, text=text, file_type=file_type, sha256=source.sha256, metadata=metadata,
+                    redactions=findings)
 
 
-def load_documents(root: Path, paths: Iterable[Path]) -> tuple[list[Document], list[Skipped]]:
+def _line_list(lines: list[int]) -> str:
+    """'3', '3, 7' or '3-40' style list of line numbers (runs collapsed)."""
+    runs: list[list[int]] = []
+    for n in sorted(set(lines)):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def describe_redactions(findings: Iterable[Finding]) -> str:
+    """'lines 3, 7 (GitHub token, password or token assignment)' for a summary; never the secret itself."""
+    findings = list(findings)
+    kinds = ", ".join(sorted({f.kind for f in findings}))
+    lines = _line_list([f.line for f in findings])
+    return f"line{'s' if len(findings) > 1 else ''} {lines} ({kinds})"
+
+
+def load_documents(root: Path, paths: Iterable[Path],
+                   options: SourceOptions | None = None) -> tuple[list[Document], list[Skipped]]:
     """Read and parse each path; a file that fails becomes a Skipped entry instead of an exception."""
     documents: list[Document] = []
     skipped: list[Skipped] = []
     for path in paths:
         try:
-            documents.append(parse(read_source(root, path)))
+            documents.append(parse(read_source(root, path), options))
         except DocumentError as exc:
-            skipped.append(Skipped(_rel(root, path), str(exc)))
+            skipped.append(Skipped.from_error(_rel(root, path), exc))
     return documents, skipped
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What an ingest of a folder would index (with redactions) and what it would leave out, and why."""
+
+    indexed: list[Document]
+    skipped: list[Skipped]
+
+
+def survey(root: Path, include: Iterable[str] = DEFAULT_INCLUDE, exclude: Iterable[str] = DEFAULT_EXCLUDE,
+           options: SourceOptions | None = None) -> Survey:
+    """Discover, read and parse every file as an ingest would, without chunking or a model (`ingest --dry-run`)."""
+    paths, skipped = discover(root, include, exclude, options)
+    docs, bad = load_documents(root, paths, options)
+    return Survey(indexed=docs, skipped=sorted(skipped + bad, key=lambda s: s.source))

@@ -43,3 +43,9 @@ class ModelChangedError(StoreError):
     """A store would be appended to with model files other than those that embedded it (exit 2: use --rebuild)."""
 
     exit_code = 2
+
+
+class SourceMismatchError(StoreError):
+    """A store holds another folder's project of the same name (exit 2: choose a name, or say it moved)."""
+
+    exit_code = 2

@@ -18,9 +18,9 @@ import numpy as np
 
 from woolocal_ingest.chunking import CHUNKER_VERSION, Chunk, ChunkSettings, chunk_document, chunk_id, effective_settings
 from woolocal_ingest.coowned import Adoption, CurrentStore, read_current
-from woolocal_ingest.documents import Skipped, discover, parse, read_source
+from woolocal_ingest.documents import Skipped, SourceOptions, describe_redactions, discover, parse, read_source
 from woolocal_ingest.embedders.base import Embedder
-from woolocal_ingest.errors import DocumentError, ModelChangedError, StoreError, WoolocalError
+from woolocal_ingest.errors import DocumentError, ModelChangedError, SourceMismatchError, StoreError, WoolocalError
 from woolocal_ingest.fsutil import make_backup
 from woolocal_ingest.manifest import read_manifest
 from woolocal_ingest.stores import StoreChangedError, read_record, store_dir, write_store
@@ -95,6 +95,7 @@ class Loaded:
     chunks: list[Chunk] = field(default_factory=list)
     file_sha: dict[str, str] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
+    redacted: dict[str, str] = field(default_factory=dict)  # rel -> which lines were redacted and why
 
 
 @dataclass
@@ -117,7 +118,9 @@ class IngestSummary:
     padding_waste: float = 0.0  # share of padded tokens in the embedding batches
     reused: int = 0
     files: dict = field(default_factory=dict)
-    skipped_files: list[dict] = field(default_factory=list)  # {source, reason} for each file skipped
+    skipped_files: list[dict] = field(default_factory=list)  # {source, reason, kind[, rule]} for each entry left out
+    redacted_files: list[dict] = field(default_factory=list)  # {source, lines}: indexed with secret lines redacted
+    duplicates: int = 0  # chunks whose text another chunk of the store has too (they share one embedding)
     written: bool = False
     adoption: dict = field(default_factory=dict)  # Adoption.to_dict(): rows other writers added, deleted, rewrote
     backup: str | None = None  # where an unreadable previous store was kept (--rebuild)
@@ -126,6 +129,11 @@ class IngestSummary:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["skipped"] = len(self.skipped_files)
+        ignored: dict[str, int] = {}
+        for sk in self.skipped_files:
+            if sk.get("kind") == "ignored":
+                ignored[sk.get("rule", "")] = ignored.get(sk.get("rule", ""), 0) + 1
+        d["ignored"] = ignored  # rule -> how many entries it left out
         return d
 
 
@@ -138,7 +146,8 @@ def _model_manifest(embedder: Embedder) -> dict:
 
 def ingest_params(cfg: "FlowsConfig", proj: "ProjectConfig", *, stores: str | Path | None = None,
                   model: str | None = None, backend: str | None = None, python_layout: bool | None = None,
-                  rebuild: bool = False, no_cache: bool = False) -> dict:
+                  rebuild: bool = False, no_cache: bool = False, ignore_files: bool | None = None,
+                  move: bool = False) -> dict:
     """The ingest flow's parameters for a project of flows.yaml (what `woolocal ingest` and a scheduled run send);
     the keyword arguments are the command line's overrides. Checks the purpose's `dimensions` against its model (an
     explicit `model` makes its own store and skips it)."""
@@ -153,7 +162,10 @@ def ingest_params(cfg: "FlowsConfig", proj: "ProjectConfig", *, stores: str | Pa
         include=list(proj.include), exclude=list(proj.exclude),
         python_layout=cfg.python_layout(proj) if python_layout is None else python_layout,
         cache=cfg.cache_settings(no_cache),
+        sources=asdict(cfg.sources(proj, ignore_files=ignore_files)),
     )
+    if move:
+        params["move"] = True
     if rebuild:
         params["rebuild"] = True
     if purpose.dimensions is not None and model is None:
@@ -167,9 +179,28 @@ def ingest_params(cfg: "FlowsConfig", proj: "ProjectConfig", *, stores: str | Pa
     return params
 
 
+def check_source_root(project_dir: Path, root: Path, move: bool = False) -> None:
+    """One store per source: refuse when a store of `project_dir` (<stores_root>/<project>) records another source
+    folder than `root`, unless `move` says the folder moved there. Stores without a recorded root (migrated) pass."""
+    if move or not Path(project_dir).is_dir():
+        return
+    for manifest in sorted(Path(project_dir).glob("*/manifest.json")):
+        try:
+            recorded = (json.loads(manifest.read_text(encoding="utf-8")).get("source") or {}).get("root")
+        except (OSError, ValueError, AttributeError):
+            continue  # a damaged store is reported when it is opened
+        if recorded and Path(recorded) != Path(root):
+            name = Path(project_dir).name
+            raise SourceMismatchError(
+                f"{manifest.parent}: project {name!r} was ingested from {recorded}, not {root}. Two folders with the "
+                f"same name cannot share a store: give this one its own project name (woolocal ingest {root} "
+                f"--name OTHER-NAME, or a projects: entry in flows.yaml), or pass --move if {recorded} moved to "
+                f"{root}.")
+
+
 def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
                 include: Sequence[str], exclude: Sequence[str], python_layout: bool = False,
-                rebuild: bool = False) -> IngestPlan:
+                rebuild: bool = False, sources: SourceOptions | None = None, move: bool = False) -> IngestPlan:
     """Discover and hash the project's files and compare them with the previous store's record.
 
     A previous store embedded by other model files (same name and dim, changed weights or tokenizer) is refused
@@ -178,18 +209,21 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
     root = Path(root).resolve()
     if not root.is_dir():
         raise WoolocalError(f"{root}: project folder not found")
-    paths, skipped = discover(root, include=include, exclude=exclude)
+    sources = sources or SourceOptions()
+    check_source_root(Path(stores_root) / project, root, move)
+    paths, skipped = discover(root, include=include, exclude=exclude, options=sources)
     file_sha: dict[str, str] = {}
     for p in paths:
         try:
             src = read_source(root, p)
         except DocumentError as e:
-            skipped.append(Skipped(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p), str(e)))
+            skipped.append(Skipped.from_error(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p), e))
             continue
         file_sha[src.rel] = src.sha256
     eff = effective_settings(settings, embedder.tokens, embedder.max_tokens)
     chunking = {"chunker_version": CHUNKER_VERSION, "chunk_tokens": eff.chunk_tokens, "overlap_tokens": eff.overlap_tokens,
-                "tokenizer": embedder.model_name, "splitter": "langchain-text-splitters recursive (by file type)"}
+                "tokenizer": embedder.model_name, "splitter": "langchain-text-splitters recursive (by file type)",
+                "secrets": sources.secrets}
     model = _model_manifest(embedder)
     target = store_dir(stores_root, project, embedder.info.slug, embedder.dim)
     prev_files: dict[str, str] = {}
@@ -227,7 +261,7 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
     # holds for a file inside a folder that could not be listed (permission denied, a stale mount) too, but not for
     # a folder left out only because it was already walked through another path. Old chunks are only kept when
     # they were embedded by these very model files (otherwise their vectors would not fit the rest of the store).
-    unreadable_files = {s.source for s in skipped if "already walked" not in s.reason}
+    unreadable_files = {s.source for s in skipped if s.keeps_previous}
     dirs = tuple("" if u in ("", ".") else u + "/" for u in unreadable_files)
     kept_files = [r for r in prev_files if r not in file_sha and (r in unreadable_files or r.startswith(dirs))] \
         if reuse else []
@@ -286,17 +320,20 @@ def _carry_over(current: CurrentStore | None, prev_files: dict[str, str], unchan
     return kept, adoption, adopted, {c.id for c in others}
 
 
-def load_and_chunk(root: Path, rels: Sequence[str], embedder: Embedder, settings: ChunkSettings) -> Loaded:
+def load_and_chunk(root: Path, rels: Sequence[str], embedder: Embedder, settings: ChunkSettings,
+                   sources: SourceOptions | None = None) -> Loaded:
     """Read, parse and chunk a group of files; a bad file becomes a Skipped entry, never an exception."""
     out = Loaded()
     for rel in rels:
         try:
             src = read_source(root, Path(root) / rel)
-            doc = parse(src)
+            doc = parse(src, sources)
         except DocumentError as e:
-            out.skipped.append(Skipped(rel, str(e)))
+            out.skipped.append(Skipped.from_error(rel, e))
             continue
         out.file_sha[rel] = doc.sha256
+        if doc.redactions:
+            out.redacted[rel] = describe_redactions(doc.redactions)
         out.chunks.extend(chunk_document(doc, embedder.tokens, settings, embedder.max_tokens))
     return out
 
@@ -390,8 +427,10 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
         else:
             summary.updated += 1
     loaded_sources: set[str] = set()
+    redacted: dict[str, str] = {}
     for group in loaded:
         skipped += group.skipped
+        redacted.update(group.redacted)
         file_sha.update(group.file_sha)
         loaded_sources.update(group.file_sha)
         for c in group.chunks:
@@ -412,7 +451,7 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
     for c in prev_chunks:
         prev_by_source.setdefault(c.source, []).append(c)
     for s in skipped:
-        if (plan.reuse_vectors and s.source in prev_by_source and s.source not in unchanged_sources
+        if (s.keeps_previous and plan.reuse_vectors and s.source in prev_by_source and s.source not in unchanged_sources
                 and s.source not in loaded_sources):
             for c in prev_by_source[s.source]:
                 if c.id not in new_ids:
@@ -427,14 +466,18 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
                           and c.source in prev_files)
     vectors = np.stack([vector(c) for c in chunks]) if chunks else np.zeros((0, embedder.dim), np.float32)
     summary.count = len(chunks)
-    summary.skipped_files = [{"source": s.source, "reason": s.reason} for s in skipped]
+    summary.skipped_files = [{"source": s.source, "reason": s.reason, "kind": s.kind, **({"rule": s.rule} if s.rule else {})}
+                             for s in skipped]
+    summary.redacted_files = [{"source": r, "lines": d} for r, d in sorted(redacted.items())]
+    summary.duplicates = len(chunks) - len({c.sha256 for c in chunks})
     summary.files = {"found": len(plan.file_sha) + len({s.source for s in plan.skipped}),
                      "loaded": len(loaded_sources), "unchanged": len(plan.unchanged), "deleted": len(plan.deleted),
                      "skipped": len({s.source for s in skipped})}
     summary.adoption = plan.adoption.to_dict()
     layout_changed = prev_manifest is not None and ("langchain-python" in prev_manifest.layouts) != plan.python_layout
+    moved = prev_manifest is not None and prev_manifest.source_root != str(plan.root)
     changed = (summary.added or summary.updated or summary.deleted or plan.previous is None or layout_changed
-               or plan.adoption.outside or plan.adoption.restored or len(prev_chunks) != len(chunks))
+               or moved or plan.adoption.outside or plan.adoption.restored or len(prev_chunks) != len(chunks))
     if changed:
         fingerprint = hashlib.sha256(json.dumps(sorted(file_sha.items())).encode()).hexdigest()
         manifest = {
@@ -458,7 +501,8 @@ RACE_ATTEMPTS = 3  # runs in a row that find the store written by another progra
 
 def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
                include: Sequence[str], exclude: Sequence[str], python_layout: bool = False,
-               rebuild: bool = False, cache: dict | None = None) -> IngestSummary:
+               rebuild: bool = False, cache: dict | None = None, sources: SourceOptions | None = None,
+               move: bool = False) -> IngestSummary:
     """The whole ingest in this process, without Prefect: the same steps the flow runs as tasks.
 
     With a FallbackEmbedder, a switch to the fallback mid-run re-embeds everything with it (into the fallback
@@ -468,7 +512,7 @@ def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, 
     for attempt in range(1, RACE_ATTEMPTS + 1):
         try:
             return _run_ingest_once(project, root, stores_root, embedder, settings, include, exclude, python_layout,
-                                    rebuild, cache)
+                                    rebuild, cache, sources, move)
         except StoreChangedError:
             if attempt == RACE_ATTEMPTS:
                 raise
@@ -477,15 +521,16 @@ def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, 
 
 def _run_ingest_once(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
                      include: Sequence[str], exclude: Sequence[str], python_layout: bool, rebuild: bool,
-                     cache: dict | None) -> IngestSummary:
+                     cache: dict | None, sources: SourceOptions | None, move: bool) -> IngestSummary:
     if hasattr(embedder, "ensure_ready"):
         embedder.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
     generation = getattr(embedder, "generation", 0)
     t = time.perf_counter()
-    plan = plan_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, rebuild)
+    plan = plan_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, rebuild,
+                       sources=sources, move=move)
     t_plan = time.perf_counter() - t
     t = time.perf_counter()
-    loaded = [load_and_chunk(plan.root, g, embedder, settings) for g in plan.load_groups()]
+    loaded = [load_and_chunk(plan.root, g, embedder, settings, sources) for g in plan.load_groups()]
     t_chunk = time.perf_counter() - t
     t = time.perf_counter()
     seen: set[str] = set()
@@ -495,7 +540,8 @@ def _run_ingest_once(project: str, root: Path, stores_root: Path, embedder: Embe
     vectors = [embed_texts(emb, b) for b in batched(texts, EMBED_TASK_SIZE)]
     t_embed = time.perf_counter() - t
     if getattr(embedder, "generation", 0) != generation:
-        return run_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, True, cache)
+        return run_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, True, cache,
+                          sources, move)
     summary = assemble_and_write(plan, loaded, texts, vectors, embedder)
     summary.cached = getattr(emb, "hits", 0)
     summary.padding_waste = padding_waste(embedder)
