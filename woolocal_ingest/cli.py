@@ -414,6 +414,8 @@ def query(obj: _Ctx, store, text, k, filters, stores, as_json):
             root = cfg.stores_root(cfg.project(store))
         st = open_store(store, stores_root=root)
         hits = st.search(text, k=k, filter=flt)
+        if st.drift.changed:  # rows Wooster or LangChain wrote since our last run: served, and said
+            click.echo(f"note: {st.path}: {st.drift.describe()}", err=True)
     except WoolocalError as e:
         raise _fail(e)
     if as_json:

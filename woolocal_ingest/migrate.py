@@ -257,13 +257,12 @@ def default_project(source: Path) -> str:
     source = Path(source)
     if source.name == "vectorStore" and source.parent.name:
         return _safe_name(source.parent.name)
-    mf = source / MANIFEST
-    if mf.is_file():
+    if (source / MANIFEST).is_file():
         try:
-            m = json.loads(mf.read_text(encoding="utf-8"))
-            if isinstance(m, dict) and isinstance(m.get("project"), str) and m["project"]:
-                return _safe_name(m["project"])
-        except (OSError, ValueError):
+            project = read_manifest(source).project
+            if isinstance(project, str) and project:
+                return _safe_name(project)
+        except StoreError:
             pass
         if NAME_RE.match(source.name):
             return _safe_name(source.parent.name)
@@ -750,11 +749,11 @@ def _already_done(plan: _Plan, emb: "Embedder") -> str | None:
     if not is_store(target):
         return None
     try:
-        m = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        m = read_manifest(target)
+    except StoreError:
         return None
     same_model = _same_model(m, emb)
-    layouts_ok = not plan.python_layout or "langchain-python" in m.get("layouts", [])
+    layouts_ok = not plan.python_layout or "langchain-python" in m.layouts
     if not (same_model and layouts_ok):
         return None
     if plan.current is not None and plan.current.changed_outside:
@@ -763,7 +762,7 @@ def _already_done(plan: _Plan, emb: "Embedder") -> str | None:
         if not plan.legacy.problems_of("store_verify"):
             return f"{target} already is a woolocal store of {emb.model_name} ({emb.dim}d)"
         return None
-    mf = m.get("migrated_from") or {}
+    mf = m.migrated_from or {}
     if mf.get("fingerprint") == plan.fingerprint and not verify_store(target):
         return f"{target} already holds this migration of {plan.source} (same source files, same model files)"
     return None
@@ -791,7 +790,7 @@ def _check_target(plan: _Plan, emb: "Embedder") -> None:
                                       f"default <stores_root>/<project>/{emb.info.slug}-{emb.dim}d)")
         return
     if target == src:
-        if plan.legacy.format == "woolocal" and _same_model(json.loads((src / MANIFEST).read_text("utf-8")), emb):
+        if plan.legacy.format == "woolocal" and _same_model(read_manifest(src), emb):
             return  # the same model again: `unchanged`
         raise MigrationInputError(f"{target}: is the source; use --in-place to replace it (it is kept as a backup)")
     if target.is_relative_to(src):
@@ -960,8 +959,7 @@ def _migrate_once(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
         if reason:
             summary.status, summary.message = "unchanged", reason
             if is_store(target):
-                m = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
-                summary.count = summary.unchanged = int(m.get("count") or 0)
+                summary.count = summary.unchanged = read_manifest(target).count
             summary.seconds = round(time.perf_counter() - t0, 3)
             return summary
         t = time.perf_counter()

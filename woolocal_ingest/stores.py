@@ -573,11 +573,9 @@ def verify_store(path: Path, expect_name: str | None = None) -> list[str]:
     problems += [f"{n}: sha256 differs from manifest.json (our record was changed after writing)" for n in ours_changed]
     if problems:
         return problems
-    import faiss
-
     try:
-        index = faiss.read_index(str(path / INDEX_JS))
-    except Exception as e:
+        index = index_kind(manifest.index_kind).read(path / INDEX_JS)
+    except StoreError as e:
         return [f"{INDEX_JS}: unreadable: {e}"]
     try:
         check_dims(path, manifest, int(index.d), name=expect_name)

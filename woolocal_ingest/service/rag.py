@@ -482,8 +482,12 @@ def _hit_dict(h: SearchHit, rank: int) -> dict:
 
 def _store_info(sid: str, store: Store) -> dict:
     m = store.manifest
+    try:
+        drift = store.drift
+    except StoreError:  # our record unreadable: the rows served are the truth all the same
+        drift = None
     return {"store": sid, "model": _manifest_model(store).get("name"), "dim": store.dim, "count": store.count,
-            "version": _version(m)}
+            "version": _version(m), "changed_outside": drift.to_dict() if drift is not None and drift.changed else None}
 
 
 # ---------------------------------------------------------------------------------------------------------------
