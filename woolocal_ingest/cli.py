@@ -107,6 +107,27 @@ def _resolve_target(cfg, target: str):
                              "nor an existing folder", param_hint="PROJECT_NAME|PATH")
 
 
+def _process_age() -> float:
+    """Seconds since this process started, when it runs as the `woolocal` command (its start-up: the interpreter and
+    the imports before the command runs); 0 otherwise (a CliRunner in a long-lived process)."""
+    try:
+        if click.get_current_context().find_root().info_name != "woolocal":
+            return 0.0
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, RuntimeError):
+        return 0.0
+
+
+def _interrupted(what: str) -> "click.exceptions.Exit":
+    """Ctrl-C: one line, exit 130 (128 + SIGINT). Stores are written atomically, so the previous one is intact."""
+    click.echo(f"interrupted: {what}", err=True)
+    return click.exceptions.Exit(130)
+
+
 @main.command()
 @click.argument("target", metavar="PROJECT_NAME|PATH")
 @click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root (default from flows.yaml).")
@@ -120,38 +141,100 @@ def _resolve_target(cfg, target: str):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.pass_obj
 def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no_prefect, no_cache, as_json):
-    """Ingest a project (declared in flows.yaml, or a folder) into its dimension-tagged store."""
-    with _work_errors(obj, "ingest"):
-        cfg = obj.config
-        proj = _resolve_target(cfg, target)
-        from woolocal_ingest import ingest as ingest_mod
+    """Ingest a project (declared in flows.yaml, or a folder) into its dimension-tagged store.
 
-        params = ingest_mod.ingest_params(cfg, proj, stores=stores, model=model, backend=backend,
-                                          python_layout=python_layout, rebuild=rebuild, no_cache=no_cache)
+    Looks first (discover, hash, compare with the store) without Prefect or the model; only when there is work does
+    it start Prefect's API (or attach to PREFECT_API_URL / a running `schedule serve`) and load the model."""
+    t0 = time.perf_counter()
+    timings = {"startup": round(_process_age(), 3)}
+    runtime = None
+    bar = _Bar(enabled=sys.stderr.isatty())
+    try:
+        with _work_errors(obj, "ingest"):
+            cfg = obj.config
+            proj = _resolve_target(cfg, target)
+            from woolocal_ingest import ingest as ingest_mod
+            from woolocal_ingest.preplan import pre_plan
 
-        bar = _Bar(enabled=sys.stderr.isatty())
-        ingest_mod.set_progress(bar)
-        t0 = time.perf_counter()
-        try:
-            if no_prefect:
-                summary = _run_local(params)
+            params = ingest_mod.ingest_params(cfg, proj, stores=stores, model=model, backend=backend,
+                                              python_layout=python_layout, rebuild=rebuild, no_cache=no_cache)
+            pre = pre_plan(params["project"], Path(params["root"]), Path(params["stores_root"]), params["model"],
+                           params["backend"], params["chunk_tokens"], params["overlap_tokens"], params["include"],
+                           params["exclude"], params["python_layout"], rebuild)
+            timings["preplan"] = round(time.perf_counter() - t0, 3)
+            click.echo(pre.headline(), err=True)
+            if pre.nothing_to_do:
+                summary = pre.summary()
             else:
-                summary = _run_flow(params, cfg.base_dir, obj.verbose, cfg.task_runner.model_dump())
-        finally:
-            bar.close()
-            ingest_mod.set_progress(None)
-        summary["timings"]["total"] = round(time.perf_counter() - t0, 3)
+                if not no_prefect:  # the API server starts now and comes up while the model loads
+                    from pipelines.runtime import start_prefect
+
+                    runtime = start_prefect(cfg.prefect_home(), verbose=obj.verbose, attach=_prefect_attach(cfg))
+                t = time.perf_counter()
+                emb = _preload_embedder(params, flow=not no_prefect)
+                timings["model_load"] = round(time.perf_counter() - t, 3)
+                ingest_mod.set_progress(bar)
+                try:
+                    if no_prefect:
+                        summary = _run_local(params, emb)
+                    else:
+                        summary = _run_flow(params, runtime, cfg.task_runner.model_dump(), timings)
+                finally:
+                    bar.close()
+                    ingest_mod.set_progress(None)
+                if runtime is not None:
+                    t = time.perf_counter()
+                    runtime, rt = None, runtime
+                    rt.close()
+                    timings["prefect_stop"] = round(time.perf_counter() - t, 3)
+            summary["timings"] = {**timings, **summary.get("timings", {})}
+            known = sum(v for k, v in summary["timings"].items() if k not in ("startup", "shards"))
+            wall = time.perf_counter() - t0
+            summary["timings"]["other"] = round(max(0.0, wall - known), 3)
+            summary["timings"]["total"] = round(timings["startup"] + wall, 3)
+    except KeyboardInterrupt:
+        bar.close()
+        raise _interrupted("nothing was written; the store is as it was before this run")
+    finally:
+        if runtime is not None:
+            runtime.close()
     if as_json:
         _emit_json(summary)
     else:
         _print_ingest_summary(summary)
 
 
-def _run_local(params: dict) -> dict:
+def _prefect_attach(cfg) -> tuple[str | None, str]:
+    """(URL, source) of a Prefect server to attach to: PREFECT_API_URL, else the server of a running
+    `woolocal schedule serve` for this PREFECT_HOME (when it answers); (None, "") to start our own."""
+    from pipelines.api_server import healthy
+    from woolocal_ingest.schedules import api_url_for
+
+    url, source = api_url_for(cfg)
+    if url and source != "PREFECT_API_URL" and not healthy(url):
+        return None, ""
+    return (url, source) if url else (None, "")
+
+
+def _preload_embedder(params: dict, flow: bool):
+    """The run's embedder with its model loaded now (timed apart from the embedding; the progress bar's rate then
+    counts embedding only). With the flow, it is the very object the flow's tasks use (`pipelines.ingest_flow`)."""
+    if flow:
+        from pipelines.ingest_flow import preload_embedder
+
+        return preload_embedder(params)
+    emb = _purpose_embedder(params)
+    if hasattr(emb, "ensure_ready"):
+        emb.ensure_ready()
+    getattr(emb, "model", None)  # a local backend's weights (a lazy attribute)
+    return emb
+
+
+def _run_local(params: dict, emb=None) -> dict:
     from woolocal_ingest.chunking import ChunkSettings
     from woolocal_ingest.ingest import run_ingest
 
-    emb = _purpose_embedder(params)
+    emb = emb or _purpose_embedder(params)
     return run_ingest(params["project"], Path(params["root"]), Path(params["stores_root"]), emb,
                       ChunkSettings(params["chunk_tokens"], params["overlap_tokens"]), params["include"],
                       params["exclude"], params["python_layout"], params.get("rebuild", False),
@@ -167,17 +250,19 @@ def _purpose_embedder(params: dict):
                         backend=params["backend_override"])
 
 
-def _run_flow(params: dict, base_dir: Path, verbose: bool, task_runner: dict | None = None) -> dict:
+def _run_flow(params: dict, runtime, task_runner: dict | None, timings: dict) -> dict:
     """The Prefect flow on flows.yaml's `task_runner`: threads here (default), or Dask (an existing scheduler at
-    `address`, else a LocalCluster of `workers` processes started and closed for this run)."""
-    from pipelines.runtime import prepare_prefect_env
-
-    prepare_prefect_env(base_dir / ".prefect", verbose=verbose)
+    `address`, else a LocalCluster of `workers` processes started and closed for this run). `timings` gets
+    `prefect_wait`: how long the API server still took to answer once the model was loaded."""
+    runtime.ready()
+    timings["prefect_wait"] = round(runtime.wait_s, 3)
+    t = time.perf_counter()
     from pipelines.ingest_flow import run_ingest_flow
-
     from pipelines.runtime import flow_result
 
-    return flow_result(run_ingest_flow(params, task_runner), "ingest flow")  # run_ingest_flow applies flow_settings()
+    timings["prefect_import"] = round(time.perf_counter() - t, 3)
+    with runtime.settings():
+        return flow_result(run_ingest_flow(params, task_runner), "ingest flow")  # applies flow_settings()
 
 
 def _print_ingest_summary(s: dict) -> None:
@@ -199,8 +284,11 @@ def _print_ingest_summary(s: dict) -> None:
         lines.append(f"  skipped  {sk['source']}: {sk['reason']}")
     if s["skipped"] > 20:
         lines.append(f"  skipped  ... and {s['skipped'] - 20} more (--json lists all)")
-    lines.append(f"  time     {t.get('total', 0):.1f}s (plan {t.get('plan', 0):.1f}, load+chunk {t.get('load_chunk', 0):.1f}, "
-                 f"embed {emb_t:.1f}, write {t.get('write', 0):.1f})")
+    stages = [("start-up", "startup"), ("look", "preplan"), ("model", "model_load"), ("prefect", "prefect_wait"),
+              ("prefect import", "prefect_import"), ("plan", "plan"), ("load+chunk", "load_chunk"), ("embed", "embed"),
+              ("write", "write"), ("prefect stop", "prefect_stop"), ("other", "other")]
+    lines.append(f"  time     {t.get('total', 0):.1f}s (" + ", ".join(f"{label} {t[k]:.1f}" for label, k in stages
+                                                              if t.get(k)) + ")")
     click.echo("\n".join(lines))
 
 
@@ -245,6 +333,7 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
         raise click.UsageError("give either --out DIR or --in-place, not both")
     bar = _Bar(enabled=sys.stderr.isatty())
     mig.set_progress(bar)
+    runtime = None
     try:
         with _work_errors(obj, "migrate"):
             if rollback:
@@ -270,29 +359,37 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
 
                 detect_format(source)
                 mig.resolve_embedder(to, cfg, backend)  # cached: the flow's task reuses it
-            if use_flow:
-                from pipelines.runtime import prepare_prefect_env
+            if use_flow:  # our own API server (ends with this process), or the one PREFECT_API_URL names
+                from pipelines.runtime import start_prefect
 
-                prepare_prefect_env(cfg.base_dir / ".prefect", verbose=obj.verbose)
+                runtime = start_prefect(cfg.prefect_home(), verbose=obj.verbose, attach=_prefect_attach(cfg))
+                runtime.ready()
                 from pipelines.migrate_flow import run_migrate_flow
             if all_stores:
                 if use_flow:
-                    results = run_migrate_flow(all_stores=True, dry_run=dry_run, config_path=obj.config_path)
+                    with runtime.settings():
+                        results = run_migrate_flow(all_stores=True, dry_run=dry_run, config_path=obj.config_path)
                 else:
                     results = [s.to_dict() for s in mig.migrate_all(cfg, dry_run=dry_run)]
             elif use_flow:
-                results = run_migrate_flow(dict(name_or_source=source, to=to if declared is None else None, out=out,
-                                                in_place=in_place, dry_run=dry_run, backend=backend,
-                                                python_layout=python_layout, config_path=obj.config_path))
+                with runtime.settings():
+                    results = run_migrate_flow(dict(name_or_source=source, to=to if declared is None else None,
+                                                    out=out, in_place=in_place, dry_run=dry_run, backend=backend,
+                                                    python_layout=python_layout, config_path=obj.config_path))
             elif declared is not None:
                 results = mig.run_declared_migration(declared, cfg, dry_run=dry_run).to_dict()
             else:
                 results = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
                                             in_place=in_place, backend=backend, python_layout=python_layout,
                                             dry_run=dry_run).to_dict()
+    except KeyboardInterrupt:
+        bar.close()
+        raise _interrupted("the migration stopped; run it again to resume (nothing was replaced)")
     finally:
         bar.close()
         mig.set_progress(None)
+        if runtime is not None:
+            runtime.close()
     if all_stores:
         failed = sum(1 for s in results if s["status"] == "failed")
         if as_json:

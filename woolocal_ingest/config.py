@@ -235,6 +235,7 @@ class FlowsConfig(_Strict):
     wooster: WoosterConfig = WoosterConfig()
     service: ServiceConfig = ServiceConfig()
     base_dir: Path = Path(".")
+    config_file: Path | None = None  # the flows.yaml read (None: built-in defaults); not a key of the file
 
     @model_validator(mode="after")
     def _check_refs(self) -> "FlowsConfig":
@@ -299,6 +300,12 @@ class FlowsConfig(_Strict):
         """The declared migration called `name`, or None."""
         return next((m for m in self.migrations if m.name == name), None)
 
+    def prefect_home(self) -> Path:
+        """Prefect's home for runs with this configuration (see `woolocal_ingest.state_dirs`)."""
+        from woolocal_ingest.state_dirs import prefect_home
+
+        return prefect_home(self.config_file)
+
     def adhoc_project(self, path: Path) -> ProjectConfig:
         """A project for a folder that flows.yaml does not declare (named after the folder)."""
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name).strip("-.") or "project"
@@ -361,9 +368,10 @@ def load_config(path: Path | str | None = None) -> FlowsConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
-    if "base_dir" in data:
-        raise ConfigError(f"{path}: base_dir: unknown key (paths are relative to the file's folder)")
+    for internal in ("base_dir", "config_file"):
+        if internal in data:
+            raise ConfigError(f"{path}: {internal}: unknown key (paths are relative to the file's folder)")
     try:
-        return FlowsConfig(**data, base_dir=path.resolve().parent)
+        return FlowsConfig(**data, base_dir=path.resolve().parent, config_file=path.resolve())
     except ValidationError as e:
         raise ConfigError(_format_errors(path, e, data)) from None

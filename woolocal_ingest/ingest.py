@@ -43,6 +43,11 @@ def _emit(event: str, n: int) -> None:
         _progress(event, n)
 
 
+def emit_progress(event: str, n: int) -> None:
+    """Report progress to what `set_progress` installed (the Prefect flow's steps report through this)."""
+    _emit(event, n)
+
+
 @dataclass
 class IngestPlan:
     """What a run must do, decided from file hashes before any parsing or embedding."""
