@@ -166,12 +166,16 @@ def test_openai_client_lists_models(url):
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     models = list(client.models.list())
-    assert [m.id for m in models] == [MODEL]
+    # the served model, then the default drop-in names (service.model_aliases): OpenAI's, served by `projects`
+    assert [m.id for m in models] == [MODEL, "text-embedding-3-small", "text-embedding-3-large",
+                                      "text-embedding-ada-002"]
     m = models[0].model_dump()
     assert m["dim"] == 384 and m["max_tokens"] == 256 and sorted(m["purposes"]) == ["projects", "userProfile"]
     assert m["status"] == "ready" and m["memory_bytes"] > 10_000_000
+    alias = models[1].model_dump()
+    assert (alias["alias_of"], alias["purpose"], alias["query"], alias["dim"]) == (MODEL, "projects", False, 384)
     with pytest.raises(openai.NotFoundError) as e:
-        client.embeddings.create(model="text-embedding-3-small", input="x")
+        client.embeddings.create(model="text-embedding-3-medium", input="x")
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
 
 
