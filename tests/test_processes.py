@@ -138,3 +138,41 @@ def test_run_from_empty_folder_leaves_it_empty(project, tmp_path):
     assert "nothing to do" in r.stderr.splitlines()[0]
     assert not (state / "woolocal" / "prefect" / "prefect.db").exists()  # Prefect never started
     assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("delay", [0.5, 5.0])
+def test_ctrl_c_is_one_line_exit_130_and_the_store_intact(project, tmp_path, delay):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while Prefect starts and the model loads, and
+    later while the flow runs: one line, exit 130, no traceback or Prefect crash record, the previous store
+    byte-identical, no process left."""
+    mark = uuid.uuid4().hex
+    stores = tmp_path / "stores"
+    env = env_for(mark)
+    r = subprocess.run(woolocal("ingest", str(project), "--stores", str(stores), "--json", "--no-prefect"),
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    def store_files() -> dict:  # the stores, not the embedding cache (an interrupted run may have filled it)
+        return {p: p.read_bytes() for p in stores.rglob("*") if p.is_file() and ".cache" not in p.parts}
+
+    before = store_files()
+    for f in sorted(project.rglob("*.md")):
+        f.write_text(f.read_text() + "\n\nA paragraph added to every file, so there is work.\n")
+    proc = subprocess.Popen(woolocal("ingest", str(project), "--stores", str(stores)), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        first = proc.stderr.readline().decode()
+        assert "files found" in first and "to load" in first, first
+        time.sleep(delay)
+        assert proc.poll() is None, "the run ended before Ctrl-C"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted: nothing was written; the store is as it was before this run"], err
+    assert out == b""
+    assert store_files() == before
+    left = wait_gone(mark)
+    kill_all(left)
+    assert left == []

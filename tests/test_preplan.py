@@ -1,0 +1,90 @@
+"""The cheap look before an ingest (`woolocal_ingest.preplan`): "nothing to do" exactly when a full run would write
+nothing, and "work" for every change a full run acts on: an edited, new or deleted file, other chunk settings, another
+layout, --rebuild, a store written by LangChain JS/Python between our runs, a store that is not there."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from woolocal_ingest.chunking import ChunkSettings
+from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+from woolocal_ingest.ingest import plan_ingest, run_ingest
+from woolocal_ingest.preplan import pre_plan
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample-project"
+PROJECT = "sample"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, embedder):
+    root = tmp_path_factory.mktemp("preplan")
+    proj, stores = root / "proj", root / "stores"
+    shutil.copytree(SAMPLE, proj)
+    run_ingest(PROJECT, proj, stores, embedder, ChunkSettings(200, 32), DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    return proj, stores
+
+
+@pytest.fixture
+def work(base, tmp_path):
+    proj, stores = tmp_path / "proj", tmp_path / "stores"
+    shutil.copytree(base[0], proj)
+    shutil.copytree(base[1], stores)
+    return proj, stores
+
+
+def look(proj, stores, chunk=200, overlap=32, python_layout=False, rebuild=False):
+    return pre_plan(PROJECT, proj, stores, None, "auto", chunk, overlap, DEFAULT_INCLUDE, DEFAULT_EXCLUDE,
+                    python_layout, rebuild)
+
+
+def test_unchanged_project_is_nothing_to_do_and_agrees_with_the_full_plan(work, embedder):
+    proj, stores = work
+    pre = look(proj, stores)
+    assert pre.nothing_to_do, pre.work
+    full = plan_ingest(PROJECT, proj, stores, embedder, ChunkSettings(200, 32), DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    assert (pre.to_load, pre.deleted, str(pre.store)) == (full.to_load, full.deleted, str(full.target)) == (
+        [], [], str(full.target))
+    s = pre.summary()
+    manifest = json.loads((pre.store / "manifest.json").read_text())
+    assert (s["count"], s["unchanged"], s["written"], s["embedded"]) == (manifest["count"], manifest["count"], False, 0)
+    assert s["files"]["found"] == len(manifest["source"]["files"])
+    assert "nothing to do" in pre.headline()
+
+
+def test_every_change_is_work(work, embedder):
+    proj, stores = work
+    md = sorted(proj.rglob("*.md"))[0]
+    original = md.read_bytes()
+    md.write_bytes(original + b"\n\nOne more paragraph.\n")
+    pre = look(proj, stores)
+    assert pre.work == "files changed" and pre.to_load == [md.relative_to(proj).as_posix()]
+    md.write_bytes(original)
+    (proj / "new.txt").write_text("a new file")
+    assert look(proj, stores).to_load == ["new.txt"]
+    (proj / "new.txt").unlink()
+    md.unlink()
+    pre = look(proj, stores)
+    assert pre.work == "files changed" and pre.deleted == [md.relative_to(proj).as_posix()]
+    md.write_bytes(original)
+    assert look(proj, stores).nothing_to_do
+    assert look(proj, stores, chunk=128).work == "chunk settings changed"
+    assert look(proj, stores, python_layout=True).work == "layouts changed"
+    assert look(proj, stores, rebuild=True).work == "--rebuild"
+    assert look(proj, stores.parent / "elsewhere").work == "no store yet"
+
+
+def test_a_store_written_by_langchain_between_runs_is_work(work):
+    proj, stores = work
+    pre = look(proj, stores)
+    doc = pre.store / "docstore.json"
+    data = json.loads(doc.read_text())
+    data[0].append(["wooster-added", {"pageContent": "added by Wooster", "metadata": {}}])
+    doc.write_text(json.dumps(data))
+    assert "changed outside woolocal (docstore.json changed" in look(proj, stores).work
+    shutil.copy(pre.store / "faiss.index", pre.store / "index.faiss")
+    doc.unlink()
+    assert "docstore.json is missing" in look(proj, stores).work
