@@ -170,6 +170,10 @@ def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no
                     from pipelines.runtime import start_prefect
 
                     runtime = start_prefect(cfg.prefect_home(), verbose=obj.verbose, attach=_prefect_attach(cfg))
+                    t = time.perf_counter()
+                    import pipelines.ingest_flow  # noqa: F401 - prefect itself, timed apart from the model
+
+                    timings["prefect_import"] = round(time.perf_counter() - t, 3)
                 t = time.perf_counter()
                 emb = _preload_embedder(params, flow=not no_prefect)
                 timings["model_load"] = round(time.perf_counter() - t, 3)
@@ -202,6 +206,18 @@ def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no
         _emit_json(summary)
     else:
         _print_ingest_summary(summary)
+    _exit_now_if_heavy()
+
+
+def _exit_now_if_heavy() -> None:
+    """The work is done and said: as the `woolocal` command, end the process without tearing torch and Prefect down
+    module by module (1-2 s of the wall time of a small run). Our own servers are stopped by now, Prefect's queues
+    drained, the store and the cache committed. Not inside another program (a CliRunner, a test)."""
+    if _process_age() <= 0 or not ({"torch", "prefect"} & set(sys.modules)):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _prefect_attach(cfg) -> tuple[str | None, str]:
@@ -256,11 +272,9 @@ def _run_flow(params: dict, runtime, task_runner: dict | None, timings: dict) ->
     `prefect_wait`: how long the API server still took to answer once the model was loaded."""
     runtime.ready()
     timings["prefect_wait"] = round(runtime.wait_s, 3)
-    t = time.perf_counter()
     from pipelines.ingest_flow import run_ingest_flow
     from pipelines.runtime import flow_result
 
-    timings["prefect_import"] = round(time.perf_counter() - t, 3)
     with runtime.settings():
         return flow_result(run_ingest_flow(params, task_runner), "ingest flow")  # applies flow_settings()
 
@@ -430,35 +444,73 @@ def _parse_filter(items: tuple[str, ...]) -> dict | None:
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE", help="Metadata filter (dotted keys; repeatable).")
 @click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root for a project name.")
+@click.option("--no-service", is_flag=True, help="Search in this process even when a `woolocal serve` for the stores "
+              "root is running.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def query(obj: _Ctx, store, text, k, filters, stores, as_json):
-    """Search STORE (a store folder, or a project name) for TEXT."""
-    from woolocal_ingest.stores import open_store
+def query(obj: _Ctx, store, text, k, filters, stores, no_service, as_json):
+    """Search STORE (a store folder, or a project name) for TEXT.
 
+    When a `woolocal serve` for the stores root is running, it answers (its model is loaded); otherwise the search
+    runs here (imports and model load: seconds)."""
     flt = _parse_filter(filters)
     try:
         root = stores
         if root is None and not Path(store).exists():
             cfg = obj.config
             root = cfg.stores_root(cfg.project(store))
-        st = open_store(store, stores_root=root)
-        hits = st.search(text, k=k, filter=flt)
+        out = None if no_service else _query_service(store, root, text, k, flt)
+        via = "service"
+        if out is None:
+            from woolocal_ingest.stores import open_store
+
+            st = open_store(store, stores_root=root)
+            hits = st.search(text, k=k, filter=flt)
+            out = {"store": str(st.path), "model": st.manifest["model"]["name"], "dim": st.dim, "count": st.count,
+                   "query": text, "results": [h.to_dict() for h in hits]}
+            via = "in-process"
     except WoolocalError as e:
         raise _fail(e)
     if as_json:
-        _emit_json({"store": str(st.path), "model": st.manifest["model"]["name"], "dim": st.dim, "query": text,
-                    "results": [h.to_dict() for h in hits]})
+        _emit_json({**{k_: v for k_, v in out.items() if k_ != "count"}, "via": via})
         return
-    click.echo(f"{st.path}  ({st.manifest['model']['name']}, {st.dim}d, {st.count} chunks)")
-    for i, h in enumerate(hits, 1):
-        lines = h.metadata.get("loc", {}).get("lines", {})
-        where = f"{h.source}:{lines.get('from')}-{lines.get('to')}" if lines else str(h.source)
-        head = f"  [{h.metadata['heading']}]" if h.metadata.get("heading") else ""
-        snippet = " ".join(h.text.split())
-        click.echo(f"{i:>2}. {h.score:.3f}  {where}{head}\n    {snippet[:200]}{'…' if len(snippet) > 200 else ''}")
-    if not hits:
+    click.echo(f"{out['store']}  ({out['model']}, {out['dim']}d, {out['count']} chunks" +
+               (", via woolocal serve)" if via == "service" else ")"))
+    for i, h in enumerate(out["results"], 1):
+        md = h["metadata"] or {}
+        lines = md.get("loc", {}).get("lines", {}) if isinstance(md.get("loc"), dict) else {}
+        where = f"{md.get('source')}:{lines.get('from')}-{lines.get('to')}" if lines else str(md.get("source"))
+        head = f"  [{md['heading']}]" if md.get("heading") else ""
+        snippet = " ".join(h["text"].split())
+        click.echo(f"{i:>2}. {h['score']:.3f}  {where}{head}\n    {snippet[:200]}{'…' if len(snippet) > 200 else ''}")
+    if not out["results"]:
         click.echo("no results")
+
+
+def _query_service(store: str, stores_root: str | Path | None, text: str, k: int, flt: dict | None) -> dict | None:
+    """The search answered by a running `woolocal serve` for the store's stores root (the query's JSON object), or
+    None when there is none or it cannot answer (the caller searches in-process)."""
+    from woolocal_ingest.service.discovery import ServiceUnavailable, find_service, search
+
+    p = Path(store)
+    if (p / "manifest.json").is_file():  # a store folder: <root>/<project>/<folder>
+        root, name = p.resolve().parent.parent, f"{p.resolve().parent.name}/{p.resolve().name}"
+    elif p.is_dir():  # a project's folder of stores
+        root, name = p.resolve().parent, p.resolve().name
+    elif stores_root is not None:
+        root, name = Path(stores_root).resolve(), store
+    else:
+        return None
+    svc = find_service(root)
+    if svc is None:
+        return None
+    try:
+        r = search(svc, name, text, k, flt)
+        return {"store": str(root / r["store"]), "model": r["model"], "dim": r["dim"], "count": r["count"],
+                "query": text, "results": [{"id": h["id"], "text": h["text"], "metadata": h["metadata"],
+                                            "score": h["score"]} for h in r["data"]]}
+    except (ServiceUnavailable, KeyError, TypeError):
+        return None
 
 
 @main.command()
@@ -546,7 +598,11 @@ def serve(obj: _Ctx, host, port, stores, config_path, log_level):
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1, proxy_headers=False,
                             server_header=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    server.run()
+    from woolocal_ingest.service.discovery import announce
+
+    # `woolocal query` over this stores root finds the service here and lets it answer (its model is loaded).
+    with announce(app.state.service.stores_root, host, port, env if key else None):
+        server.run()
     if not server.started:
         raise click.exceptions.Exit(1)  # e.g. the port is taken (uvicorn said so)
 
