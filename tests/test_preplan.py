@@ -71,6 +71,11 @@ def test_every_change_is_work(work, embedder):
     assert pre.work == "files changed" and pre.deleted == [md.relative_to(proj).as_posix()]
     md.write_bytes(original)
     assert look(proj, stores).nothing_to_do
+    (proj / "empty.md").write_text("  \n")  # a file every run skips (no text) is not work, but is reported
+    pre = look(proj, stores)
+    assert pre.nothing_to_do and [(s.source, s.reason) for s in pre.skipped] == [("empty.md", "empty file")]
+    assert pre.summary()["skipped_files"] == [{"source": "empty.md", "reason": "empty file"}]
+    (proj / "empty.md").unlink()
     assert look(proj, stores, chunk=128).work == "chunk settings changed"
     assert look(proj, stores, python_layout=True).work == "layouts changed"
     assert look(proj, stores, rebuild=True).work == "--rebuild"

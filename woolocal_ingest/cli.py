@@ -373,6 +373,13 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
 
                 detect_format(source)
                 mig.resolve_embedder(to, cfg, backend)  # cached: the flow's task reuses it
+                # Look first: a target that already holds this migration needs neither Prefect nor the model. The
+                # dry run reads and compares only; the real call then answers `unchanged` (under the target's lock).
+                look = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
+                                         in_place=in_place, backend=backend, python_layout=python_layout,
+                                         dry_run=True)
+                if (look.plan or {}).get("action") == "unchanged":
+                    use_flow = False
             if use_flow:  # our own API server (ends with this process), or the one PREFECT_API_URL names
                 from pipelines.runtime import start_prefect
 

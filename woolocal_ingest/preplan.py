@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from woolocal_ingest.documents import Skipped, discover, read_source
+from woolocal_ingest.documents import Skipped, discover, parse, read_source
 from woolocal_ingest.errors import DocumentError, WoolocalError
 
 # What `ingest.plan_ingest` records as the manifest's chunking["splitter"]; a test keeps the two in step.
@@ -163,6 +163,20 @@ def pre_plan(project: str, root: Path, stores_root: Path, model: str | None, bac
     kept = [r for r in prev_files if r not in file_sha and (r in unreadable or r.startswith(dirs))]
     pre.deleted = sorted(r for r in prev_files if r not in file_sha and r not in kept)
     pre.unchanged = len(file_sha) - len(pre.to_load) + len(kept)
+    if pre.to_load and not pre.deleted:
+        # A file the full run would skip again (empty, binary, no text layer) is not work: the full run would parse
+        # it, skip it, and write nothing (the manifest never records it). Parse until one file yields text.
+        unparsable = []
+        for rel in pre.to_load:
+            try:
+                parse(read_source(root, root / rel))
+            except DocumentError as e:
+                unparsable.append(Skipped(rel, str(e)))
+                continue
+            break
+        else:
+            pre.skipped += unparsable
+            pre.to_load = []
     if pre.to_load or pre.deleted:
         pre.work = "files changed"
         return pre
