@@ -69,6 +69,7 @@ def run(args: list[str], env: dict, cwd: Path) -> dict:
         raise SystemExit(f"{args} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     s = json.loads(r.stdout.strip().splitlines()[-1])
     return {"wall_s": round(wall, 3), "embedded": s["embedded"], "count": s["count"], "written": s["written"],
+            "files_found": s["files"]["found"], "files_loaded": s["files"]["loaded"],
             "timings": s["timings"], "first_line": r.stderr.splitlines()[0] if r.stderr else ""}
 
 
@@ -107,7 +108,8 @@ def main() -> None:
             shutil.rmtree(stores)
         med = {k: statistics.median(r[k]["wall_s"] for r in runs) for k in runs[0]}
         result = {
-            "corpus": a.corpus, "documents": n_docs, "chunks": runs[0]["first"]["count"], "repeat": a.repeat,
+            "corpus": a.corpus, "documents_written": n_docs, "documents_ingested": runs[0]["first"]["files_found"],
+            "chunks": runs[0]["first"]["count"], "repeat": a.repeat,
             "python": platform.python_version(), "cpus": os.cpu_count(), "cwd_left_empty": not any(cwd.iterdir()),
             "median_wall_s": med,
             "ratio_noop_over_first": round(med["noop"] / med["first"], 4),

@@ -24,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from woolocal_ingest.errors import WoolocalError
 
@@ -93,6 +94,7 @@ class RunApi:
         """Start the server process (returns at once)."""
         if self.proc is not None:
             return self
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._log_start = log.tell()
             self.proc = subprocess.Popen(
