@@ -34,25 +34,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_folder(corpus: Path, dst: Path, docs: int) -> int:
-    """Cut the corpus's files into about `docs` documents at blank lines; returns how many were written."""
-    files = sorted(p for p in corpus.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.parts))
-    total = sum(p.stat().st_size for p in files)
-    target = max(1, total // docs)
-    n = 0
-    for p in files:
-        rel = p.relative_to(corpus)
-        text = p.read_text(encoding="utf-8", errors="replace")
-        parts, cur = [], ""
-        for para in text.split("\n\n"):
-            cur = f"{cur}\n\n{para}" if cur else para
-            if len(cur.encode()) >= target:
-                parts.append(cur)
-                cur = ""
-        if cur.strip() or not parts:
+def _parts(text: str, target: int) -> list[str]:
+    parts, cur = [], ""
+    for para in text.split("\n\n"):
+        cur = f"{cur}\n\n{para}" if cur else para
+        if len(cur.encode()) >= target:
             parts.append(cur)
-        for i, part in enumerate(parts):
-            out = dst / rel.parent / f"{rel.stem}.part{i:02d}{rel.suffix}"
+            cur = ""
+    if cur.strip() or not parts:
+        parts.append(cur)
+    return parts
+
+
+def make_folder(corpus: Path, dst: Path, docs: int) -> int:
+    """Cut the corpus's documents (md, rst, txt, html: what ingest reads) at blank lines into parts of one size,
+    chosen so that about `docs` documents come out; returns how many were written."""
+    files = sorted(p for p in corpus.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.parts)
+                   and p.suffix.lower() in (".md", ".rst", ".txt", ".html"))
+    texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in files}
+    target = max(1, sum(len(t.encode()) for t in texts.values()) // docs)
+    while target > 256 and sum(len(_parts(t, target)) for t in texts.values()) < docs:
+        target = int(target * 0.85)
+    n = 0
+    for p, text in texts.items():
+        rel = p.relative_to(corpus)
+        for i, part in enumerate(_parts(text, target)):
+            out = dst / rel.parent / f"{rel.stem}-part{i:02d}{rel.suffix}"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(part, encoding="utf-8")
             n += 1

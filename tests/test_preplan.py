@@ -93,3 +93,27 @@ def test_a_store_written_by_langchain_between_runs_is_work(work):
     shutil.copy(pre.store / "faiss.index", pre.store / "index.faiss")
     doc.unlink()
     assert "docstore.json is missing" in look(proj, stores).work
+
+
+def test_model_identity_is_remembered_and_rehashed_when_a_file_changes(tmp_path, monkeypatch, embedder):
+    """The model files' sha256 is memoised in the user's cache dir; touching a file invalidates it."""
+    import dataclasses
+    import os
+
+    from woolocal_ingest.embedders.registry import read_model_info
+    from woolocal_ingest.preplan import model_files_sha256
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(embedder.info.path, folder)
+    info = read_model_info(folder)
+    first = model_files_sha256(info)
+    assert first == info.files_sha256() and (tmp_path / "cache" / "woolocal" / "model-sha256.json").is_file()
+    calls = []
+    fake = dataclasses.replace(info)
+    monkeypatch.setattr(type(fake), "files_sha256", lambda self: calls.append(1) or "rehashed")
+    assert model_files_sha256(fake) == first and calls == []  # remembered: no hashing
+    cfg = folder / "config.json"
+    cfg.write_text(cfg.read_text() + " ")
+    os.utime(cfg, ns=(1, 1))
+    assert model_files_sha256(fake) == "rehashed" and calls == [1]

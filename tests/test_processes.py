@@ -176,3 +176,29 @@ def test_ctrl_c_is_one_line_exit_130_and_the_store_intact(project, tmp_path, del
     left = wait_gone(mark)
     kill_all(left)
     assert left == []
+
+
+def test_kill_9_with_dask_workers_leaves_no_process(project, tmp_path):
+    """flows.yaml says `task_runner: {type: dask}`: the run starts a LocalCluster (worker processes) besides the API
+    server; kill -9 of the run once the workers are up leaves none of them."""
+    mark = uuid.uuid4().hex
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "flows.yaml").write_text("task_runner: {type: dask, workers: 1}\n")
+    proc = subprocess.Popen(woolocal("ingest", str(project), "--stores", str(tmp_path / "stores"), "--json"),
+                            cwd=cwd, env=env_for(mark), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert "files found" in proc.stderr.readline().decode()
+        deadline = time.monotonic() + 120
+        while len([p for p in marked(mark) if p != proc.pid]) < 3:  # API server, dask worker, its helpers
+            assert proc.poll() is None, "the run ended before its workers were seen"
+            assert time.monotonic() < deadline, f"no dask workers seen: {marked(mark)}"
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait()
+        left = wait_gone(mark, timeout=15)
+    finally:
+        proc.kill()
+        proc.stderr.close()
+        kill_all(marked(mark))
+    assert left == [], f"processes outlived the killed run: {left}"

@@ -106,6 +106,43 @@ def store_drift(store: Path, manifest: dict) -> str:
     return ""
 
 
+def model_files_sha256(info) -> str:
+    """`info.files_sha256()` (the model's identity: sha256 over its files), remembered across processes in the user's
+    cache directory, keyed by every file's path, size and mtime under the model folder: a no-op run then reads no
+    weights (hashing bge-large's 1.3 GB takes seconds). Any change of a file, added or removed files: hashed again."""
+    import json as _json
+
+    from woolocal_ingest.state_dirs import user_cache_dir
+
+    root = Path(info.path)
+    try:
+        stamp = sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in root.rglob("*") if p.is_file() and ".onnx-cache" not in p.parts)
+    except OSError:
+        return info.files_sha256()
+    key = hashlib.sha256(_json.dumps([str(root.resolve()), stamp]).encode()).hexdigest()
+    path = user_cache_dir() / "model-sha256.json"
+    try:
+        known = _json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    sha = info.files_sha256()
+    try:
+        known = known if isinstance(known, dict) else {}
+        known[key] = sha
+        if len(known) > 64:  # a bounded memo, not a registry
+            known = dict(list(known.items())[-64:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(_json.dumps(known), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache dir: hash every time
+    return sha
+
+
 def pre_plan(project: str, root: Path, stores_root: Path, model: str | None, backend: str, chunk_tokens: int,
              overlap_tokens: int, include: Sequence[str], exclude: Sequence[str], python_layout: bool = False,
              rebuild: bool = False) -> PrePlan:
@@ -143,7 +180,7 @@ def pre_plan(project: str, root: Path, stores_root: Path, model: str | None, bac
         return pre
     pre.manifest = manifest
     prev_model = manifest.get("model", {})
-    if (prev_model.get("files_sha256"), prev_model.get("quantization")) != (info.files_sha256(), None):
+    if (prev_model.get("files_sha256"), prev_model.get("quantization")) != (model_files_sha256(info), None):
         pre.work = "the model's files differ from the store's"
         return pre
     eff = effective_settings(ChunkSettings(chunk_tokens, overlap_tokens), TokenCounter(info), info.max_tokens)
