@@ -591,11 +591,11 @@ def test_resolve_model_names(service):
 
     state = service[0].state.service
     for name in (None, "", "projects", "userProfile", MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2",
-                 "ALL-MINILM-L6-V2"):
+                 "ALL-MINILM-L6-V2", "text-embedding-ada-002", "text-embedding-3-small"):  # + the default aliases
         assert state.resolve_model(name) == MODEL
     assert state.loaded and state.stores_root.name == "stores"
     with pytest.raises(APIError) as e:
-        state.resolve_model("text-embedding-ada-002")
+        state.resolve_model("text-embedding-4")
     assert e.value.status == 404 and e.value.param == "model" and e.value.code == "model_not_found"
     assert state.embedder("projects").dim == 384
 
