@@ -3,8 +3,8 @@
 `pipelines.ingest_flow.run_ingest_flow(params, task_runner)` (what the CLI calls) uses `dask_runtime` here when
 flows.yaml says `task_runner: {type: dask}`, which:
 
-1. starts ONE Prefect API server for the run (unless PREFECT_API_URL is set, or this process already runs Prefect's
-   ephemeral server) and points this process at it. Prefect ships this process's settings with every task it hands
+1. starts ONE Prefect API server for the run (`pipelines.api_server.RunApi`, which ends with this process even on
+   `kill -9`), unless PREFECT_API_URL is set or this process already runs Prefect's ephemeral server, and points this process at it. Prefect ships this process's settings with every task it hands
    to Dask, so task runs on the workers report to that API; the workers also get PREFECT_API_URL in their
    environment before they import prefect, so that no worker starts an ephemeral API server of its own;
 2. meanwhile starts a `LocalCluster` (`workers` processes, 1 thread each), or connects to `address` and hands the URL
@@ -26,9 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
-import threading
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import distributed
@@ -38,53 +37,21 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 90  # the most a Prefect API server started here may take to answer
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Api:
-    """The run's Prefect API: its URL at once, `wait()` until it answers (a server started here starts in a thread,
-    so that the cluster and the workers' model loads overlap its start-up)."""
+    """The run's Prefect API: its URL at once, `wait()` until it answers (a server started here starts in the
+    background, so that the cluster and the workers' model loads overlap its start-up)."""
 
     def __init__(self, url: str, server=None):
         self.url = url
-        self.server = server  # a SubprocessASGIServer started (and to be stopped) here, or None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def start(self) -> None:
-        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-        # More than Prefect's 20 s default: a first start creates and migrates the database, and here it shares the
-        # CPU with the workers loading their models.
-        timeout = max(int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() or 0), STARTUP_TIMEOUT_S)
-
-        def run() -> None:
-            try:
-                self.server.start(timeout=timeout)
-            except BaseException as e:  # re-raised by wait()
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name="woolocal-prefect-api", daemon=True)
-        self._thread.start()
+        self.server = server  # a RunApi started (and to be stopped) here, or None
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            if self._error is not None:
-                raise self._error
-            if self.server.api_url != self.url:  # uvicorn lost the port race and moved: follow it
-                log.warning("Prefect API moved from %s to %s", self.url, self.server.api_url)
-                self.url = self.server.api_url
+        if self.server is not None:
+            self.url = self.server.wait(timeout=STARTUP_TIMEOUT_S)  # a port lost to a race moves it: follow it
 
     def stop(self) -> None:
-        if self.server is None:
-            return
-        if self._thread is not None:
-            self._thread.join()
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()
 
 
 @contextmanager
@@ -107,11 +74,14 @@ def shared_prefect_api() -> Iterator[_Api]:
     if ephemeral.running and ephemeral.server_process is not None and ephemeral.server_process.poll() is None:
         yield _Api(ephemeral.api_url)  # not ours to stop
         return
-    # Its own port (SubprocessASGIServer keeps one instance per port; port None is Prefect's in-process ephemeral
-    # server, which later flows of this process may start and use, and which must not be stopped here).
-    api = _Api("", SubprocessASGIServer(port=_free_port()))
-    api.url = api.server.api_url
-    api.start()
+    # Our own server (not Prefect's SubprocessASGIServer, which outlives a `kill -9` of this process), on its own
+    # port: Prefect's in-process ephemeral server, if later flows of this process start one, stays theirs.
+    from prefect.settings import PREFECT_HOME
+
+    from pipelines.api_server import RunApi
+
+    api = _Api("", RunApi(Path(PREFECT_HOME.value()) / "api-server.log").start())
+    api.url = api.server.url
     try:
         yield api
     finally:

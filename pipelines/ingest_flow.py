@@ -43,6 +43,16 @@ def _embedder(model: str | None, backend: str, batch_size: int, source: dict | N
     return _EMBEDDERS[key]
 
 
+def preload_embedder(params: dict):
+    """Build the embedder the flow's tasks will use for `params` (ingest_flow's) and load its model now, in this
+    process (a fallback whose primary cannot load switches here): the CLI does this while the API server starts."""
+    emb = _embedder(*_model_spec(**params))
+    if hasattr(emb, "ensure_ready"):
+        emb.ensure_ready()
+    getattr(emb, "model", None)  # a local backend's weights (a lazy attribute)
+    return emb
+
+
 @task(name="discover", cache_policy=NO_CACHE, persist_result=False)
 def discover_task(project, root, stores_root, model, backend, batch_size, source, chunk_tokens, overlap_tokens,
                   include, exclude, python_layout, rebuild=False, sources=None, move=False):
@@ -229,31 +239,34 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
         path = shard_dir / f"shard-{len(shards):05d}.npy"
         shards.append((embed_shard_task.submit(part, str(path), *m, stores_root, cache), len(part)))
 
-    def embed_new(new: list[str]) -> None:
-        nonlocal cached, pending, t_embed
-        ingest._emit("total+", len(new))
-        texts.extend(new)
-        t = time.perf_counter()
-        if shard_dir is None:
-            for b in ingest.batched(new, ingest.EMBED_TASK_SIZE):
-                v, hits = embed_task(list(b), *m, stores_root, cache)
-                vectors.append(v)
-                cached += hits
-        else:  # shards start as soon as a shard's worth of texts is known, while later groups still load
-            pending += new
-            while len(pending) >= shard_chunks:
-                submit_shard(pending[:shard_chunks])
-                pending = pending[shard_chunks:]
-        t_embed += time.perf_counter() - t
-
     try:
-        embed_new(ingest.adopted_texts(plan, seen))  # rows other writers added or rewrote: our model's vectors
+        texts += ingest.adopted_texts(plan, seen)  # rows other writers added or rewrote: embedded with our model
+        if shard_dir is not None:
+            pending += texts
         for f in futures:
             t = time.perf_counter()
             group = f.result()  # a failed task raises here and fails the flow
             t_wait += time.perf_counter() - t
             loaded.append(group)
-            embed_new(ingest.texts_to_embed(plan, group, seen))
+            new = ingest.texts_to_embed(plan, group, seen)
+            texts += new
+            if shard_dir is not None:  # shards start as soon as a shard's worth of texts is known
+                t = time.perf_counter()
+                pending += new
+                while len(pending) >= shard_chunks:
+                    submit_shard(pending[:shard_chunks])
+                    pending = pending[shard_chunks:]
+                t_embed += time.perf_counter() - t
+        # Every chunk is known before the bar starts: its total, rate and ETA are right from the first update.
+        # (Chunking is ~3% of a first ingest; waiting for it costs less than a bar whose total keeps growing.)
+        ingest.emit_progress("total+", len(texts))
+        if shard_dir is None:
+            t = time.perf_counter()
+            for b in ingest.batched(texts, ingest.EMBED_TASK_SIZE):
+                v, hits = embed_task(list(b), *m, stores_root, cache)
+                vectors.append(v)
+                cached += hits
+            t_embed += time.perf_counter() - t
         if shard_dir is not None:
             t = time.perf_counter()
             if pending:
@@ -267,7 +280,7 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
                         f"for {plan.model['name']}: refusing to mix two models in one store; run ingest again")
                 vectors.append(_load_shard(done["path"], n, dim))
                 cached += done["cached"]
-                ingest._emit("embedded", n)
+                ingest.emit_progress("embedded", n)
             t_embed += time.perf_counter() - t
             log.info("%s: %d texts embedded in %d shards", project, len(texts), len(shards))
         if getattr(_embedder(*m), "generation", 0) != generation:

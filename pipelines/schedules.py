@@ -94,8 +94,19 @@ def _ingest(log, config_path: str, project: str) -> dict:
         if holder is not None:
             log.warning("ingest %s: another run holds %s; skipping this one (nothing touched)", project, lock)
             return {"status": "skipped", "project": project, "reason": f"lock held: {lock}"}
-        # a failed subflow re-raises its own error: this run fails, the old store keeps serving
-        summary = flow_result(run_ingest_flow(params, cfg.task_runner.model_dump()), f"ingest {project}")
+        # Look first (discover, hash, compare with the store): an unchanged project loads no model and runs no
+        # subflow. Otherwise a failed subflow re-raises its own error: this run fails, the old store keeps serving.
+        from woolocal_ingest.documents import SourceOptions
+        from woolocal_ingest.preplan import pre_plan
+
+        pre = pre_plan(params["project"], Path(params["root"]), Path(params["stores_root"]), params["model"],
+                       params["backend"], params["chunk_tokens"], params["overlap_tokens"], params["include"],
+                       params["exclude"], params["python_layout"], params.get("rebuild", False),
+                       sources=SourceOptions.from_dict(params.get("sources")))
+        if pre.nothing_to_do:
+            summary = pre.summary()
+        else:
+            summary = flow_result(run_ingest_flow(params, cfg.task_runner.model_dump()), f"ingest {project}")
     if summary["written"]:
         summary["status"] = "updated"
         log.info("ingest %s: store updated: %s (%d chunks: %d added, %d updated, %d deleted; %d embedded)", project,

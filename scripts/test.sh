@@ -7,4 +7,5 @@ PY="${PYTHON:-python3}"
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
-python -m pytest -q "$@"
+# -m "slow or not slow": everything, the slow schedule test included, once (pyproject's addopts leaves it out)
+python -m pytest -q -m "slow or not slow" "$@"

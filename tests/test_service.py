@@ -166,12 +166,16 @@ def test_openai_client_lists_models(url):
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     models = list(client.models.list())
-    assert [m.id for m in models] == [MODEL]
+    # the served model, then the default drop-in names (service.model_aliases): OpenAI's, served by `projects`
+    assert [m.id for m in models] == [MODEL, "text-embedding-3-small", "text-embedding-3-large",
+                                      "text-embedding-ada-002"]
     m = models[0].model_dump()
     assert m["dim"] == 384 and m["max_tokens"] == 256 and sorted(m["purposes"]) == ["projects", "userProfile"]
     assert m["status"] == "ready" and m["memory_bytes"] > 10_000_000
+    alias = models[1].model_dump()
+    assert (alias["alias_of"], alias["purpose"], alias["query"], alias["dim"]) == (MODEL, "projects", False, 384)
     with pytest.raises(openai.NotFoundError) as e:
-        client.embeddings.create(model="text-embedding-3-small", input="x")
+        client.embeddings.create(model="text-embedding-3-medium", input="x")
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
 
 
@@ -587,11 +591,11 @@ def test_resolve_model_names(service):
 
     state = service[0].state.service
     for name in (None, "", "projects", "userProfile", MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2",
-                 "ALL-MINILM-L6-V2"):
+                 "ALL-MINILM-L6-V2", "text-embedding-ada-002", "text-embedding-3-small"):  # + the default aliases
         assert state.resolve_model(name) == MODEL
     assert state.loaded and state.stores_root.name == "stores"
     with pytest.raises(APIError) as e:
-        state.resolve_model("text-embedding-ada-002")
+        state.resolve_model("text-embedding-4")
     assert e.value.status == 404 and e.value.param == "model" and e.value.code == "model_not_found"
     assert state.embedder("projects").dim == 384
 

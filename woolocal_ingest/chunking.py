@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
 
-from woolocal_ingest.documents import Document
+from woolocal_ingest.documents import Document, SourceOptions
 
 if TYPE_CHECKING:
     from woolocal_ingest.embedders.base import TokenCounter
@@ -206,3 +206,10 @@ def _merge_thin(pieces: list[tuple[int, str]], text: str, counter: "TokenCounter
 def chunk_documents(docs: Iterable[Document], counter: "TokenCounter", settings: ChunkSettings,
                     max_tokens: int) -> list[Chunk]:
     return [c for d in docs for c in chunk_document(d, counter, settings, max_tokens)]
+
+
+def chunking_record(eff: ChunkSettings, tokenizer: str, sources: SourceOptions) -> dict:
+    """The manifest's `chunking`: what decides the chunks (a change re-chunks the whole project)."""
+    return {"chunker_version": CHUNKER_VERSION, "chunk_tokens": eff.chunk_tokens, "overlap_tokens": eff.overlap_tokens,
+            "tokenizer": tokenizer, "splitter": "langchain-text-splitters recursive (by file type)",
+            "secrets": sources.secrets}

@@ -110,6 +110,27 @@ def _resolve_target(cfg, target: str, name: str | None = None):
                              "nor an existing folder", param_hint="PROJECT_NAME|PATH")
 
 
+def _process_age() -> float:
+    """Seconds since this process started, when it runs as the `woolocal` command (its start-up: the interpreter and
+    the imports before the command runs); 0 otherwise (a CliRunner in a long-lived process)."""
+    try:
+        if click.get_current_context().find_root().info_name != "woolocal":
+            return 0.0
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, RuntimeError):
+        return 0.0
+
+
+def _interrupted(what: str) -> "click.exceptions.Exit":
+    """Ctrl-C: one line, exit 130 (128 + SIGINT). Stores are written atomically, so the previous one is intact."""
+    click.echo(f"interrupted: {what}", err=True)
+    return click.exceptions.Exit(130)
+
+
 @main.command()
 @click.argument("target", metavar="PROJECT_NAME|PATH")
 @click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root (default from flows.yaml).")
@@ -130,35 +151,78 @@ def _resolve_target(cfg, target: str, name: str | None = None):
 @click.pass_obj
 def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no_prefect, no_cache, no_ignore_files,
            dry_run, name, move, names, as_json):
-    """Ingest a project (declared in flows.yaml, or a folder) into its dimension-tagged store."""
-    with _work_errors(obj, "ingest"):
-        cfg = obj.config
-        proj = _resolve_target(cfg, target, name)
-        if dry_run:
-            _dry_run(cfg, proj, no_ignore_files, as_json, names or obj.verbose)
-            return
-        from woolocal_ingest import ingest as ingest_mod
+    """Ingest a project (declared in flows.yaml, or a folder) into its dimension-tagged store.
 
-        params = ingest_mod.ingest_params(cfg, proj, stores=stores, model=model, backend=backend,
-                                          python_layout=python_layout, rebuild=rebuild, no_cache=no_cache,
-                                          ignore_files=False if no_ignore_files else None, move=move)
+    Looks first (discover, hash, compare with the store) without Prefect or the model; only when there is work does
+    it start Prefect's API (or attach to PREFECT_API_URL / a running `schedule serve`) and load the model."""
+    t0 = time.perf_counter()
+    timings = {"startup": round(_process_age(), 3)}
+    runtime = None
+    bar = _Bar(enabled=sys.stderr.isatty())
+    try:
+        with _work_errors(obj, "ingest"):
+            cfg = obj.config
+            proj = _resolve_target(cfg, target, name)
+            if dry_run:
+                _dry_run(cfg, proj, no_ignore_files, as_json, names or obj.verbose)
+                return
+            from woolocal_ingest import ingest as ingest_mod
+            from woolocal_ingest.documents import SourceOptions
+            from woolocal_ingest.preplan import pre_plan
 
-        bar = _Bar(enabled=sys.stderr.isatty())
-        ingest_mod.set_progress(bar)
-        t0 = time.perf_counter()
-        try:
-            if no_prefect:
-                summary = _run_local(params)
+            params = ingest_mod.ingest_params(cfg, proj, stores=stores, model=model, backend=backend,
+                                              python_layout=python_layout, rebuild=rebuild, no_cache=no_cache,
+                                              ignore_files=False if no_ignore_files else None, move=move)
+            pre = pre_plan(params["project"], Path(params["root"]), Path(params["stores_root"]), params["model"],
+                           params["backend"], params["chunk_tokens"], params["overlap_tokens"], params["include"],
+                           params["exclude"], params["python_layout"], rebuild,
+                           sources=SourceOptions.from_dict(params.get("sources")))
+            timings["preplan"] = round(time.perf_counter() - t0, 3)
+            click.echo(pre.headline(), err=True)
+            if pre.nothing_to_do:
+                summary = pre.summary()
             else:
-                summary = _run_flow(params, cfg.base_dir, obj.verbose, cfg.task_runner.model_dump())
-        finally:
-            bar.close()
-            ingest_mod.set_progress(None)
-        summary["timings"]["total"] = round(time.perf_counter() - t0, 3)
+                if not no_prefect:  # the API server starts now and comes up while the model loads
+                    from pipelines.runtime import start_prefect
+
+                    runtime = start_prefect(cfg.prefect_home(), verbose=obj.verbose, attach=_prefect_attach(cfg))
+                    t = time.perf_counter()
+                    import pipelines.ingest_flow  # noqa: F401 - prefect itself, timed apart from the model
+
+                    timings["prefect_import"] = round(time.perf_counter() - t, 3)
+                t = time.perf_counter()
+                emb = _preload_embedder(params, flow=not no_prefect)
+                timings["model_load"] = round(time.perf_counter() - t, 3)
+                ingest_mod.set_progress(bar)
+                try:
+                    if no_prefect:
+                        summary = _run_local(params, emb)
+                    else:
+                        summary = _run_flow(params, runtime, cfg.task_runner.model_dump(), timings)
+                finally:
+                    bar.close()
+                    ingest_mod.set_progress(None)
+                if runtime is not None:
+                    t = time.perf_counter()
+                    runtime, rt = None, runtime
+                    rt.close()
+                    timings["prefect_stop"] = round(time.perf_counter() - t, 3)
+            summary["timings"] = {**timings, **summary.get("timings", {})}
+            known = sum(v for k, v in summary["timings"].items() if k not in ("startup", "shards"))
+            wall = time.perf_counter() - t0
+            summary["timings"]["other"] = round(max(0.0, wall - known), 3)
+            summary["timings"]["total"] = round(timings["startup"] + wall, 3)
+    except KeyboardInterrupt:
+        bar.close()
+        raise _interrupted("nothing was written; the store is as it was before this run")
+    finally:
+        if runtime is not None:
+            runtime.close()
     if as_json:
         _emit_json(summary)
     else:
         _print_ingest_summary(summary, names or obj.verbose)
+    _exit_now_if_heavy()
 
 
 def _dry_run(cfg, proj, no_ignore_files: bool, as_json: bool, names: bool) -> None:
@@ -205,12 +269,49 @@ def _left_out_lines(s: dict, names: bool) -> list[str]:
     return lines
 
 
-def _run_local(params: dict) -> dict:
+def _exit_now_if_heavy() -> None:
+    """The work is done and said: as the `woolocal` command, end the process without tearing torch and Prefect down
+    module by module (1-2 s of the wall time of a small run). Our own servers are stopped by now, Prefect's queues
+    drained, the store and the cache committed. Not inside another program (a CliRunner, a test)."""
+    if _process_age() <= 0 or not ({"torch", "prefect"} & set(sys.modules)):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _prefect_attach(cfg) -> tuple[str | None, str]:
+    """(URL, source) of a Prefect server to attach to: PREFECT_API_URL, else the server of a running
+    `woolocal schedule serve` for this PREFECT_HOME (when it answers); (None, "") to start our own."""
+    from pipelines.api_server import healthy
+    from woolocal_ingest.schedules import api_url_for
+
+    url, source = api_url_for(cfg)
+    if url and source != "PREFECT_API_URL" and not healthy(url):
+        return None, ""
+    return (url, source) if url else (None, "")
+
+
+def _preload_embedder(params: dict, flow: bool):
+    """The run's embedder with its model loaded now (timed apart from the embedding; the progress bar's rate then
+    counts embedding only). With the flow, it is the very object the flow's tasks use (`pipelines.ingest_flow`)."""
+    if flow:
+        from pipelines.ingest_flow import preload_embedder
+
+        return preload_embedder(params)
+    emb = _purpose_embedder(params)
+    if hasattr(emb, "ensure_ready"):
+        emb.ensure_ready()
+    getattr(emb, "model", None)  # a local backend's weights (a lazy attribute)
+    return emb
+
+
+def _run_local(params: dict, emb=None) -> dict:
     from woolocal_ingest.chunking import ChunkSettings
     from woolocal_ingest.documents import SourceOptions
     from woolocal_ingest.ingest import run_ingest
 
-    emb = _purpose_embedder(params)
+    emb = emb or _purpose_embedder(params)
     return run_ingest(params["project"], Path(params["root"]), Path(params["stores_root"]), emb,
                       ChunkSettings(params["chunk_tokens"], params["overlap_tokens"]), params["include"],
                       params["exclude"], params["python_layout"], params.get("rebuild", False),
@@ -227,17 +328,17 @@ def _purpose_embedder(params: dict):
                         backend=params["backend_override"])
 
 
-def _run_flow(params: dict, base_dir: Path, verbose: bool, task_runner: dict | None = None) -> dict:
+def _run_flow(params: dict, runtime, task_runner: dict | None, timings: dict) -> dict:
     """The Prefect flow on flows.yaml's `task_runner`: threads here (default), or Dask (an existing scheduler at
-    `address`, else a LocalCluster of `workers` processes started and closed for this run)."""
-    from pipelines.runtime import prepare_prefect_env
-
-    prepare_prefect_env(base_dir / ".prefect", verbose=verbose)
+    `address`, else a LocalCluster of `workers` processes started and closed for this run). `timings` gets
+    `prefect_wait`: how long the API server still took to answer once the model was loaded."""
+    runtime.ready()
+    timings["prefect_wait"] = round(runtime.wait_s, 3)
     from pipelines.ingest_flow import run_ingest_flow
-
     from pipelines.runtime import flow_result
 
-    return flow_result(run_ingest_flow(params, task_runner), "ingest flow")  # run_ingest_flow applies flow_settings()
+    with runtime.settings():
+        return flow_result(run_ingest_flow(params, task_runner), "ingest flow")  # applies flow_settings()
 
 
 def _print_ingest_summary(s: dict, names: bool = False) -> None:
@@ -266,8 +367,11 @@ def _print_ingest_summary(s: dict, names: bool = False) -> None:
     lines += left_out[:40]
     if len(left_out) > 40:
         lines.append(f"  ... and {len(left_out) - 40} more lines (--json lists every file)")
-    lines.append(f"  time     {t.get('total', 0):.1f}s (plan {t.get('plan', 0):.1f}, load+chunk {t.get('load_chunk', 0):.1f}, "
-                 f"embed {emb_t:.1f}, write {t.get('write', 0):.1f})")
+    stages = [("start-up", "startup"), ("look", "preplan"), ("model", "model_load"), ("prefect", "prefect_wait"),
+              ("prefect import", "prefect_import"), ("plan", "plan"), ("load+chunk", "load_chunk"), ("embed", "embed"),
+              ("write", "write"), ("prefect stop", "prefect_stop"), ("other", "other")]
+    lines.append(f"  time     {t.get('total', 0):.1f}s (" + ", ".join(f"{label} {t[k]:.1f}" for label, k in stages
+                                                              if t.get(k)) + ")")
     click.echo("\n".join(lines))
 
 
@@ -312,6 +416,7 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
         raise click.UsageError("give either --out DIR or --in-place, not both")
     bar = _Bar(enabled=sys.stderr.isatty())
     mig.set_progress(bar)
+    runtime = None
     try:
         with _work_errors(obj, "migrate"):
             if rollback:
@@ -337,29 +442,44 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
 
                 detect_format(source)
                 mig.resolve_embedder(to, cfg, backend)  # cached: the flow's task reuses it
-            if use_flow:
-                from pipelines.runtime import prepare_prefect_env
+                # Look first: a target that already holds this migration needs neither Prefect nor the model. The
+                # dry run reads and compares only; the real call then answers `unchanged` (under the target's lock).
+                look = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
+                                         in_place=in_place, backend=backend, python_layout=python_layout,
+                                         dry_run=True)
+                if (look.plan or {}).get("action") == "unchanged":
+                    use_flow = False
+            if use_flow:  # our own API server (ends with this process), or the one PREFECT_API_URL names
+                from pipelines.runtime import start_prefect
 
-                prepare_prefect_env(cfg.base_dir / ".prefect", verbose=obj.verbose)
+                runtime = start_prefect(cfg.prefect_home(), verbose=obj.verbose, attach=_prefect_attach(cfg))
+                runtime.ready()
                 from pipelines.migrate_flow import run_migrate_flow
             if all_stores:
                 if use_flow:
-                    results = run_migrate_flow(all_stores=True, dry_run=dry_run, config_path=obj.config_path)
+                    with runtime.settings():
+                        results = run_migrate_flow(all_stores=True, dry_run=dry_run, config_path=obj.config_path)
                 else:
                     results = [s.to_dict() for s in mig.migrate_all(cfg, dry_run=dry_run)]
             elif use_flow:
-                results = run_migrate_flow(dict(name_or_source=source, to=to if declared is None else None, out=out,
-                                                in_place=in_place, dry_run=dry_run, backend=backend,
-                                                python_layout=python_layout, config_path=obj.config_path))
+                with runtime.settings():
+                    results = run_migrate_flow(dict(name_or_source=source, to=to if declared is None else None,
+                                                    out=out, in_place=in_place, dry_run=dry_run, backend=backend,
+                                                    python_layout=python_layout, config_path=obj.config_path))
             elif declared is not None:
                 results = mig.run_declared_migration(declared, cfg, dry_run=dry_run).to_dict()
             else:
                 results = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
                                             in_place=in_place, backend=backend, python_layout=python_layout,
                                             dry_run=dry_run).to_dict()
+    except KeyboardInterrupt:
+        bar.close()
+        raise _interrupted("the migration stopped; run it again to resume (nothing was replaced)")
     finally:
         bar.close()
         mig.set_progress(None)
+        if runtime is not None:
+            runtime.close()
     if all_stores:
         failed = sum(1 for s in results if s["status"] == "failed")
         if as_json:
@@ -400,37 +520,75 @@ def _parse_filter(items: tuple[str, ...]) -> dict | None:
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE", help="Metadata filter (dotted keys; repeatable).")
 @click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root for a project name.")
+@click.option("--no-service", is_flag=True, help="Search in this process even when a `woolocal serve` for the stores "
+              "root is running.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def query(obj: _Ctx, store, text, k, filters, stores, as_json):
-    """Search STORE (a store folder, or a project name) for TEXT."""
-    from woolocal_ingest.api import open_store
+def query(obj: _Ctx, store, text, k, filters, stores, no_service, as_json):
+    """Search STORE (a store folder, or a project name) for TEXT.
 
+    When a `woolocal serve` for the stores root is running, it answers (its model is loaded); otherwise the search
+    runs here (imports and model load: seconds)."""
     flt = _parse_filter(filters)
     try:
         root = stores
         if root is None and not Path(store).exists():
             cfg = obj.config
             root = cfg.stores_root(cfg.project(store))
-        st = open_store(store, stores_root=root)
-        hits = st.search(text, k=k, filter=flt)
-        if st.drift.changed:  # rows Wooster or LangChain wrote since our last run: served, and said
-            click.echo(f"note: {st.path}: {st.drift.describe()}", err=True)
+        out = None if no_service else _query_service(store, root, text, k, flt)
+        via = "service"
+        if out is None:
+            from woolocal_ingest.api import open_store
+
+            st = open_store(store, stores_root=root)
+            hits = st.search(text, k=k, filter=flt)
+            if st.drift.changed:  # rows Wooster or LangChain wrote since our last run: served, and said
+                click.echo(f"note: {st.path}: {st.drift.describe()}", err=True)
+            out = {"store": str(st.path), "model": st.manifest["model"]["name"], "dim": st.dim, "count": st.count,
+                   "query": text, "results": [h.to_dict() for h in hits]}
+            via = "in-process"
     except WoolocalError as e:
         raise _fail(e)
     if as_json:
-        _emit_json({"store": str(st.path), "model": st.manifest["model"]["name"], "dim": st.dim, "query": text,
-                    "results": [h.to_dict() for h in hits]})
+        _emit_json({**{k_: v for k_, v in out.items() if k_ != "count"}, "via": via})
         return
-    click.echo(f"{st.path}  ({st.manifest['model']['name']}, {st.dim}d, {st.count} chunks)")
-    for i, h in enumerate(hits, 1):
-        lines = h.metadata.get("loc", {}).get("lines", {})
-        where = f"{h.source}:{lines.get('from')}-{lines.get('to')}" if lines else str(h.source)
-        head = f"  [{h.metadata['heading']}]" if h.metadata.get("heading") else ""
-        snippet = " ".join(h.text.split())
-        click.echo(f"{i:>2}. {h.score:.3f}  {where}{head}\n    {snippet[:200]}{'…' if len(snippet) > 200 else ''}")
-    if not hits:
+    click.echo(f"{out['store']}  ({out['model']}, {out['dim']}d, {out['count']} chunks" +
+               (", via woolocal serve)" if via == "service" else ")"))
+    for i, h in enumerate(out["results"], 1):
+        md = h["metadata"] or {}
+        lines = md.get("loc", {}).get("lines", {}) if isinstance(md.get("loc"), dict) else {}
+        where = f"{md.get('source')}:{lines.get('from')}-{lines.get('to')}" if lines else str(md.get("source"))
+        head = f"  [{md['heading']}]" if md.get("heading") else ""
+        snippet = " ".join(h["text"].split())
+        click.echo(f"{i:>2}. {h['score']:.3f}  {where}{head}\n    {snippet[:200]}{'…' if len(snippet) > 200 else ''}")
+    if not out["results"]:
         click.echo("no results")
+
+
+def _query_service(store: str, stores_root: str | Path | None, text: str, k: int, flt: dict | None) -> dict | None:
+    """The search answered by a running `woolocal serve` for the store's stores root (the query's JSON object), or
+    None when there is none or it cannot answer (the caller searches in-process)."""
+    from woolocal_ingest.service.discovery import ServiceUnavailable, find_service, search
+
+    p = Path(store)
+    if (p / "manifest.json").is_file():  # a store folder: <root>/<project>/<folder>
+        root, name = p.resolve().parent.parent, f"{p.resolve().parent.name}/{p.resolve().name}"
+    elif p.is_dir():  # a project's folder of stores
+        root, name = p.resolve().parent, p.resolve().name
+    elif stores_root is not None:
+        root, name = Path(stores_root).resolve(), store
+    else:
+        return None
+    svc = find_service(root)
+    if svc is None:
+        return None
+    try:
+        r = search(svc, name, text, k, flt)
+        return {"store": str(root / r["store"]), "model": r["model"], "dim": r["dim"], "count": r["count"],
+                "query": text, "results": [{"id": h["id"], "text": h["text"], "metadata": h["metadata"],
+                                            "score": h["score"]} for h in r["data"]]}
+    except (ServiceUnavailable, KeyError, TypeError):
+        return None
 
 
 @main.command()
@@ -518,7 +676,11 @@ def serve(obj: _Ctx, host, port, stores, config_path, log_level):
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1, proxy_headers=False,
                             server_header=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    server.run()
+    from woolocal_ingest.service.discovery import announce
+
+    # `woolocal query` over this stores root finds the service here and lets it answer (its model is loaded).
+    with announce(app.state.service.stores_root, host, port, env if key else None):
+        server.run()
     if not server.started:
         raise click.exceptions.Exit(1)  # e.g. the port is taken (uvicorn said so)
 

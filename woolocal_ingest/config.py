@@ -199,6 +199,23 @@ class ChatConfig(_Strict):
     k: int = Field(default=5, ge=1, le=100, description="chunks retrieved per question")
 
 
+# OpenAI's embedding model names: what Wooster's (and most) OpenAI clients send. Served as the `projects` purpose by
+# default, so a client switches to woolocal by changing only its base URL.
+OPENAI_EMBEDDING_MODELS = ("text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002")
+
+
+class ModelAlias(_Strict):
+    """`service.model_aliases.<name>`: a model name clients send, served by a purpose's model."""
+
+    purpose: str = Field(description="the purpose whose model answers to this name")
+    query: bool = Field(default=False, description="embed inputs as queries (the model's query prefix, e.g. BGE's)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"purpose": v} if isinstance(v, str) else v
+
+
 class ServiceConfig(_Strict):
     """`woolocal serve`: what it binds, which models it loads, its limits, and chat RAG."""
 
@@ -215,6 +232,9 @@ class ServiceConfig(_Strict):
     batch_wait_ms: float = Field(default=2.0, ge=0)
     chat: ChatConfig = ChatConfig()
     aliases: dict[str, str] = Field(default_factory=dict, description="chat model alias -> store (project name/path)")
+    model_aliases: dict[str, ModelAlias] | None = Field(
+        default=None, description="embedding model name clients send -> purpose (+ query side); default: OpenAI's "
+        "embedding model names -> projects; {} turns them off")
 
 
 class Defaults(_Strict):
@@ -243,6 +263,7 @@ class FlowsConfig(_Strict):
     wooster: WoosterConfig = WoosterConfig()
     service: ServiceConfig = ServiceConfig()
     base_dir: Path = Path(".")
+    config_file: Path | None = None  # the flows.yaml read (None: built-in defaults); not a key of the file
 
     @model_validator(mode="after")
     def _check_refs(self) -> "FlowsConfig":
@@ -261,6 +282,12 @@ class FlowsConfig(_Strict):
             if m.name in mseen:
                 raise ValueError(f"migrations[{i}].name: duplicate migration name {m.name!r}")
             mseen.add(m.name)
+        for name, alias in (self.service.model_aliases or {}).items():
+            if not name.strip():
+                raise ValueError("service.model_aliases: an alias name must not be empty")
+            if alias.purpose not in self.purposes:
+                raise ValueError(f"service.model_aliases.{name}.purpose: {alias.purpose!r} is not one of the "
+                                 f"declared purposes {sorted(self.purposes)}")
         for key in ("projects_purpose", "user_profile_purpose"):
             if self.wooster.root is not None and getattr(self.wooster, key) not in self.purposes:
                 raise ValueError(f"wooster.{key}: {getattr(self.wooster, key)!r} is not one of the declared "
@@ -316,6 +343,21 @@ class FlowsConfig(_Strict):
     def migration(self, name: str) -> MigrationConfig | None:
         """The declared migration called `name`, or None."""
         return next((m for m in self.migrations if m.name == name), None)
+
+    def model_aliases(self) -> dict[str, ModelAlias]:
+        """`service.model_aliases`, or by default OpenAI's embedding model names -> the `projects` purpose (when
+        one is declared)."""
+        if self.service.model_aliases is not None:
+            return dict(self.service.model_aliases)
+        if "projects" not in self.purposes:
+            return {}
+        return {name: ModelAlias(purpose="projects") for name in OPENAI_EMBEDDING_MODELS}
+
+    def prefect_home(self) -> Path:
+        """Prefect's home for runs with this configuration (see `woolocal_ingest.state_dirs`)."""
+        from woolocal_ingest.state_dirs import prefect_home
+
+        return prefect_home(self.config_file)
 
     def adhoc_project(self, path: Path, name: str | None = None) -> ProjectConfig:
         """A project for a folder that flows.yaml does not declare (named `name`, else after the folder)."""
@@ -384,9 +426,10 @@ def load_config(path: Path | str | None = None) -> FlowsConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
-    if "base_dir" in data:
-        raise ConfigError(f"{path}: base_dir: unknown key (paths are relative to the file's folder)")
+    for internal in ("base_dir", "config_file"):
+        if internal in data:
+            raise ConfigError(f"{path}: {internal}: unknown key (paths are relative to the file's folder)")
     try:
-        return FlowsConfig(**data, base_dir=path.resolve().parent)
+        return FlowsConfig(**data, base_dir=path.resolve().parent, config_file=path.resolve())
     except ValidationError as e:
         raise ConfigError(_format_errors(path, e, data)) from None

@@ -41,6 +41,8 @@ __all__ = [
     "SourceOptions",
     "Survey",
     "discover",
+    "hash_sources",
+    "kept_files",
     "load_documents",
     "parse",
     "read_source",
@@ -606,3 +608,27 @@ def survey(root: Path, include: Iterable[str] = DEFAULT_INCLUDE, exclude: Iterab
     paths, skipped = discover(root, include, exclude, options)
     docs, bad = load_documents(root, paths, options)
     return Survey(indexed=docs, skipped=sorted(skipped + bad, key=lambda s: s.source))
+
+
+def hash_sources(root: Path, include: Sequence[str], exclude: Sequence[str],
+                 sources: SourceOptions) -> tuple[dict[str, str], list[Skipped]]:
+    """{relative path: sha256 of the raw bytes} of every file discovery keeps, and the entries it left out (with
+    the files that could not be read)."""
+    paths, skipped = discover(root, include=include, exclude=exclude, options=sources)
+    file_sha: dict[str, str] = {}
+    for p in paths:
+        try:
+            src = read_source(root, p)
+        except DocumentError as e:
+            skipped.append(Skipped.from_error(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p), e))
+            continue
+        file_sha[src.rel] = src.sha256
+    return file_sha, skipped
+
+
+def kept_files(prev_files: dict[str, str], file_sha: dict[str, str], skipped: Sequence[Skipped]) -> list[str]:
+    """Files of the previous store that are still there but could not be read this time (or sit in a folder that
+    could not be listed): they keep their chunks, a failed read loses nothing."""
+    unreadable = {s.source for s in skipped if s.keeps_previous}
+    dirs = tuple("" if u in ("", ".") else u + "/" for u in unreadable)
+    return [r for r in prev_files if r not in file_sha and (r in unreadable or r.startswith(dirs))]

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from woolocal_ingest.chunking import CHUNKER_VERSION, Chunk, ChunkSettings, chunk_document, chunk_id, effective_settings
+from woolocal_ingest.chunking import Chunk, ChunkSettings, chunk_document, chunk_id, chunking_record, effective_settings
 from woolocal_ingest.coowned import Adoption, CurrentStore, read_current
-from woolocal_ingest.documents import Skipped, SourceOptions, describe_redactions, discover, parse, read_source
+from woolocal_ingest.documents import (
+    Skipped, SourceOptions, describe_redactions, hash_sources, kept_files, parse, read_source,
+)
 from woolocal_ingest.embedders.base import Embedder
 from woolocal_ingest.errors import DocumentError, ModelChangedError, SourceMismatchError, StoreError, WoolocalError
 from woolocal_ingest.fsutil import make_backup
@@ -44,6 +46,11 @@ def set_progress(fn: ProgressFn | None) -> None:
 def _emit(event: str, n: int) -> None:
     if _progress is not None:
         _progress(event, n)
+
+
+def emit_progress(event: str, n: int) -> None:
+    """Report progress to what `set_progress` installed (the Prefect flow's steps report through this)."""
+    _emit(event, n)
 
 
 @dataclass
@@ -211,19 +218,9 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
         raise WoolocalError(f"{root}: project folder not found")
     sources = sources or SourceOptions()
     check_source_root(Path(stores_root) / project, root, move)
-    paths, skipped = discover(root, include=include, exclude=exclude, options=sources)
-    file_sha: dict[str, str] = {}
-    for p in paths:
-        try:
-            src = read_source(root, p)
-        except DocumentError as e:
-            skipped.append(Skipped.from_error(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p), e))
-            continue
-        file_sha[src.rel] = src.sha256
-    eff = effective_settings(settings, embedder.tokens, embedder.max_tokens)
-    chunking = {"chunker_version": CHUNKER_VERSION, "chunk_tokens": eff.chunk_tokens, "overlap_tokens": eff.overlap_tokens,
-                "tokenizer": embedder.model_name, "splitter": "langchain-text-splitters recursive (by file type)",
-                "secrets": sources.secrets}
+    file_sha, skipped = hash_sources(root, include, exclude, sources)
+    chunking = chunking_record(effective_settings(settings, embedder.tokens, embedder.max_tokens), embedder.model_name,
+                               sources)
     model = _model_manifest(embedder)
     target = store_dir(stores_root, project, embedder.info.slug, embedder.dim)
     prev_files: dict[str, str] = {}
@@ -257,20 +254,15 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
                 "refusing to append with a changed model. Re-embed the whole store with --rebuild.")
         reusable = frozenset(current.record.by_sha) if reuse else frozenset()
         same_chunking = current.manifest.chunking == chunking and reuse
-    # A file that is there but unreadable this time keeps its previous chunks: a failed read loses nothing. That
-    # holds for a file inside a folder that could not be listed (permission denied, a stale mount) too, but not for
-    # a folder left out only because it was already walked through another path. Old chunks are only kept when
-    # they were embedded by these very model files (otherwise their vectors would not fit the rest of the store).
-    unreadable_files = {s.source for s in skipped if s.keeps_previous}
-    dirs = tuple("" if u in ("", ".") else u + "/" for u in unreadable_files)
-    kept_files = [r for r in prev_files if r not in file_sha and (r in unreadable_files or r.startswith(dirs))] \
-        if reuse else []
+    # Old chunks of unreadable files are only kept when they were embedded by these very model files (otherwise
+    # their vectors would not fit the rest of the store).
+    kept = kept_files(prev_files, file_sha, skipped) if reuse else []
     if same_chunking:
         to_load = [r for r, sha in file_sha.items() if prev_files.get(r) != sha]
-        unchanged = [r for r, sha in file_sha.items() if prev_files.get(r) == sha] + kept_files
+        unchanged = [r for r, sha in file_sha.items() if prev_files.get(r) == sha] + kept
     else:
-        to_load, unchanged = sorted(file_sha), kept_files
-    deleted = sorted(r for r in prev_files if r not in file_sha and r not in kept_files) if previous else []
+        to_load, unchanged = sorted(file_sha), kept
+    deleted = sorted(r for r in prev_files if r not in file_sha and r not in kept) if previous else []
     kept, adoption, outside, others = _carry_over(current, prev_files, set(unchanged), reuse)
     return IngestPlan(project=project, root=root, target=target, model=model, chunking=chunking,
                       python_layout=python_layout, to_load=sorted(to_load), file_sha=file_sha,

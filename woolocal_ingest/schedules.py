@@ -84,10 +84,9 @@ def declared_jobs(cfg) -> list[ScheduledJob]:
 
 
 def prefect_home(cfg) -> Path:
-    """PREFECT_HOME as `pipelines.runtime.prepare_prefect_env` sets it: the environment's, else .prefect/ beside
-    flows.yaml."""
-    env = os.environ.get("PREFECT_HOME")
-    return Path(env).expanduser().resolve() if env else (Path(cfg.base_dir) / ".prefect").resolve()
+    """PREFECT_HOME as the CLI sets it for `cfg` (see `woolocal_ingest.state_dirs`): the environment's, else
+    .prefect/ beside flows.yaml, else the user's state directory."""
+    return cfg.prefect_home()
 
 
 def server_dir(home: Path) -> Path:

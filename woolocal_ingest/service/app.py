@@ -246,11 +246,11 @@ def create_app(config: FlowsConfig, *, stores_root: Path | None = None, api_key:
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [s.describe() for s in state.slots]}
+        return {"object": "list", "data": state.list_models()}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str):
-        return state.slot(model).describe()
+        return state.describe(model)
 
     @app.get("/metrics")
     async def prometheus_metrics():

@@ -113,7 +113,8 @@ def _prepare(state, body: dict) -> dict:
     if input_type is not None and input_type not in ("query", "document", "passage", "search_query",
                                                      "search_document"):
         raise _bad("'input_type' must be 'query' or 'document'.", param="input_type")
-    query = input_type in ("query", "search_query")
+    # An explicit input_type wins; otherwise an alias marked `query: true` (service.model_aliases) says "query".
+    query = input_type in ("query", "search_query") if input_type is not None else state.is_query_alias(model)
     truncate = body.get("truncate", True)
     if not isinstance(truncate, bool):
         raise _bad("'truncate' must be true or false.", param="truncate", code="invalid_type")

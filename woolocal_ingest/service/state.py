@@ -4,7 +4,10 @@ embeds every request's texts together.
 Models. `service.models` in flows.yaml (purpose names or model names) or, by default, every purpose; purposes
 that name the same model share one loaded copy. A request's `model` may be a purpose (`projects`), the canonical
 name (`sentence-transformers/all-MiniLM-L6-v2`), its last part (`all-MiniLM-L6-v2`), its slug (`all-minilm-l6-v2`)
-or the configured string (a path), case-insensitively; none means the `projects` purpose.
+or the configured string (a path), case-insensitively; none means the `projects` purpose. `service.model_aliases` adds
+drop-in names (by default OpenAI's `text-embedding-3-small`, `-3-large`, `text-embedding-ada-002` -> `projects`); an
+alias marked `query: true` embeds its inputs as queries (the model's query prefix), for clients such as LangChain's
+`embedQuery`, which send no hint.
 
 Dynamic batching (as TEI and infinity do). Requests put their texts on one bounded queue (`service.queue_size`
 texts); a single worker thread waits `service.batch_wait_ms` after the first arrival, takes every waiting text of
@@ -333,6 +336,12 @@ class ServiceState:
         self.started = time.time()
         for spec in self._specs():
             self._add_slot(spec)
+        # Drop-in names (service.model_aliases): OpenAI's model names by default, so a client switches by its base
+        # URL alone. An alias of a purpose not served here is not indexed (a request for it gets the usual 404).
+        self.aliases = {name: a for name, a in config.model_aliases().items() if self._names.get(a.purpose)}
+        self._query_names = {n.casefold() for n, a in self.aliases.items() if a.query}
+        for name, a in self.aliases.items():
+            self._index(self._names[a.purpose], {name})
 
     # -- models ------------------------------------------------------------------------------------------------
     def _specs(self) -> list[ModelSpec]:
@@ -451,6 +460,23 @@ class ServiceState:
                                code="no_models")
             slot = self.slots[0]
         return slot
+
+    def is_query_alias(self, name: str | None) -> bool:
+        """`name` is a model alias marked `query: true`: its inputs are queries (the model's query prefix)."""
+        return bool(name) and name.casefold() in self._query_names
+
+    def list_models(self) -> list[dict]:
+        """/v1/models: every served model, then every alias (with `alias_of`, `purpose` and `query`)."""
+        return [s.describe() for s in self.slots] + [self.describe(name) for name in self.aliases]
+
+    def describe(self, name: str) -> dict:
+        """/v1/models/{name}: a served model, or an alias of one."""
+        slot = self.slot(name)
+        alias = self.aliases.get(name) or next((a for n, a in self.aliases.items() if n.casefold() == name.casefold()),
+                                               None)
+        if alias is None:
+            return slot.describe()
+        return {**slot.describe(), "id": name, "alias_of": slot.key, "purpose": alias.purpose, "query": alias.query}
 
     def slot(self, name: str | None) -> ModelSlot:
         if name is None or name == "":
