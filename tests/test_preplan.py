@@ -14,6 +14,7 @@ from woolocal_ingest.chunking import ChunkSettings
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import plan_ingest, run_ingest
 from woolocal_ingest.preplan import pre_plan
+from store_copies import copy_stores
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample-project"
 PROJECT = "sample"
@@ -32,7 +33,7 @@ def base(tmp_path_factory, embedder):
 def work(base, tmp_path):
     proj, stores = tmp_path / "proj", tmp_path / "stores"
     shutil.copytree(base[0], proj)
-    shutil.copytree(base[1], stores)
+    copy_stores(base[1], stores, proj)
     return proj, stores
 
 

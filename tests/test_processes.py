@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SAMPLE
+from store_copies import copy_stores
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -163,7 +164,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_store_intact(ingested, tmp_path, de
     mark = uuid.uuid4().hex
     project, stores = tmp_path / "garden", tmp_path / "stores"
     shutil.copytree(ingested[0], project)
-    shutil.copytree(ingested[1], stores)
+    copy_stores(ingested[1], stores, project)
     env = env_for(mark)
     def store_files() -> dict:  # the stores, not the embedding cache (an interrupted run may have filled it)
         return {p: p.read_bytes() for p in stores.rglob("*") if p.is_file() and ".cache" not in p.parts}
