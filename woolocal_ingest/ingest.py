@@ -222,7 +222,8 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
         file_sha[src.rel] = src.sha256
     eff = effective_settings(settings, embedder.tokens, embedder.max_tokens)
     chunking = {"chunker_version": CHUNKER_VERSION, "chunk_tokens": eff.chunk_tokens, "overlap_tokens": eff.overlap_tokens,
-                "tokenizer": embedder.model_name, "splitter": "langchain-text-splitters recursive (by file type)",
+                "tokenizer": embedder.model_name, "scheme": eff.scheme(),
+                "splitter": "langchain-text-splitters recursive (by file type), sentence ends before line breaks",
                 "secrets": sources.secrets}
     model = _model_manifest(embedder)
     target = store_dir(stores_root, project, embedder.info.slug, embedder.dim)
@@ -381,7 +382,7 @@ def _new_texts(plan: IngestPlan, chunks: Sequence[Chunk], seen: set[str]) -> lis
     for c in chunks:
         if c.sha256 not in plan.reusable and c.sha256 not in seen:
             seen.add(c.sha256)
-            out.append(c.text)
+            out.append(c.embed_text)  # what c.sha256 is of: the text with its title > heading context
     return out
 
 

@@ -90,7 +90,7 @@ def json_safe_value(value: Any) -> Any:
 def _safe_chunk(c: Chunk) -> Chunk:
     """The chunk with every string it writes (id, text, source, metadata) made valid UTF-8."""
     safe = Chunk(json_safe(c.id), json_safe(c.text), json_safe(c.source), c.chunk, json_safe_value(c.metadata),
-                 c.sha256)
+                 c.sha256, json_safe(c.context))
     return c if safe == c else safe
 
 
@@ -133,6 +133,7 @@ def _write_parquet(path: Path, chunks: Sequence[Chunk], vectors: np.ndarray) -> 
         "text": pa.array([c.text for c in chunks], pa.string()),
         "sha256": pa.array([c.sha256 for c in chunks], pa.string()),
         "metadata": pa.array([json.dumps(c.metadata, ensure_ascii=False, sort_keys=True) for c in chunks], pa.string()),
+        "context": pa.array([c.context for c in chunks], pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
     })
     pq.write_table(table, path, compression="zstd")
@@ -309,12 +310,17 @@ def read_record(folder: Path, with_vectors: bool = True) -> Record:
     import pyarrow.parquet as pq
 
     path = Path(folder) / PARQUET
-    cols = ["id", "source", "chunk", "text", "sha256", "metadata"] + (["embedding"] if with_vectors else [])
+    cols = ["id", "source", "chunk", "text", "sha256", "metadata"]
     try:
-        t = pq.read_table(path, columns=cols)
-        r = t.select(cols[:6]).to_pydict()
+        # `context` (the title > heading prefix embedded before the text) came with chunker 4; older records have none
+        names = set(pq.read_schema(path).names)
+        extra = [c for c in ("context",) if c in names]
+        t = pq.read_table(path, columns=cols + extra + (["embedding"] if with_vectors else []))
+        r = t.select(cols + extra).to_pydict()
+        ctx = r.get("context") or [""] * t.num_rows
         chunks = tuple(Chunk(id=r["id"][i], text=r["text"][i], source=r["source"][i], chunk=r["chunk"][i],
-                             metadata=json.loads(r["metadata"][i]), sha256=r["sha256"][i]) for i in range(t.num_rows))
+                             metadata=json.loads(r["metadata"][i]), sha256=r["sha256"][i], context=ctx[i] or "")
+                       for i in range(t.num_rows))
         if with_vectors and t.num_rows:
             vec = np.asarray(t.column("embedding").combine_chunks().flatten(), dtype=np.float32)
             vectors = vec.reshape(t.num_rows, -1)
@@ -450,12 +456,14 @@ class Store:
         out = []
         for row, (id_, text, meta) in enumerate(self._truth):
             i = rec.by_id.get(id_)
-            # our record keeps the sha256 of the text as chunked (before lone surrogates became U+FFFD)
-            sha = rec.chunks[i].sha256 if i is not None and rec.chunks[i].text == text else Chunk.text_sha256(text)
+            # our record keeps the sha256 of the text as chunked and embedded (with its context; before lone
+            # surrogates became U+FFFD); a row another writer added or rewrote is embedded as its plain text
+            ours = i is not None and rec.chunks[i].text == text
+            sha = rec.chunks[i].sha256 if ours else Chunk.text_sha256(text)
             source, chunk = meta.get("source"), meta.get("chunk")
             out.append(Chunk(id=id_, text=text, source=source if isinstance(source, str) else "",
                              chunk=chunk if isinstance(chunk, int) and not isinstance(chunk, bool) else row,
-                             metadata=meta, sha256=sha))
+                             metadata=meta, sha256=sha, context=rec.chunks[i].context if ours else ""))
         return out
 
     def vectors(self) -> np.ndarray:
