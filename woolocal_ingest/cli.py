@@ -400,9 +400,11 @@ def _parse_filter(items: tuple[str, ...]) -> dict | None:
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE", help="Metadata filter (dotted keys; repeatable).")
 @click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root for a project name.")
+@click.option("--mode", type=click.Choice(["hybrid", "dense", "lexical"]), default="hybrid", show_default=True,
+              help="hybrid: dense and BM25 rankings fused (RRF); dense: embeddings only; lexical: BM25 only.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def query(obj: _Ctx, store, text, k, filters, stores, as_json):
+def query(obj: _Ctx, store, text, k, filters, stores, mode, as_json):
     """Search STORE (a store folder, or a project name) for TEXT."""
     from woolocal_ingest.api import open_store
 
@@ -413,14 +415,14 @@ def query(obj: _Ctx, store, text, k, filters, stores, as_json):
             cfg = obj.config
             root = cfg.stores_root(cfg.project(store))
         st = open_store(store, stores_root=root)
-        hits = st.search(text, k=k, filter=flt)
+        hits = st.search(text, k=k, filter=flt, mode=mode)
     except WoolocalError as e:
         raise _fail(e)
     if as_json:
         _emit_json({"store": str(st.path), "model": st.manifest["model"]["name"], "dim": st.dim, "query": text,
-                    "results": [h.to_dict() for h in hits]})
+                    "mode": mode, "results": [h.to_dict() for h in hits]})
         return
-    click.echo(f"{st.path}  ({st.manifest['model']['name']}, {st.dim}d, {st.count} chunks)")
+    click.echo(f"{st.path}  ({st.manifest['model']['name']}, {st.dim}d, {st.count} chunks, {mode} search)")
     for i, h in enumerate(hits, 1):
         lines = h.metadata.get("loc", {}).get("lines", {})
         where = f"{h.source}:{lines.get('from')}-{lines.get('to')}" if lines else str(h.source)
@@ -429,6 +431,47 @@ def query(obj: _Ctx, store, text, k, filters, stores, as_json):
         click.echo(f"{i:>2}. {h.score:.3f}  {where}{head}\n    {snippet[:200]}{'…' if len(snippet) > 200 else ''}")
     if not hits:
         click.echo("no results")
+
+
+@main.command("eval")
+@click.argument("store", metavar="STORE", required=False)
+@click.argument("dataset", metavar="DATASET")
+@click.option("--mode", "modes", type=click.Choice(["hybrid", "dense", "lexical"]), multiple=True,
+              help="Modes to score (repeatable; default: all three).")
+@click.option("--split", default="test", show_default=True, help="BEIR qrels split (qrels/<split>.tsv).")
+@click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root for a project name.")
+@click.option("--write-corpus", "write_corpus", type=click.Path(file_okay=False), default=None,
+              help="Write a BEIR corpus.jsonl as one Markdown file per document into this folder (to ingest), "
+                   "then exit.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def eval_(obj: _Ctx, store, dataset, modes, split, stores, write_corpus, as_json):
+    """Score STORE's search modes on DATASET: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) or a
+    queries.tsv of question<TAB>source. Prints nDCG@10, Recall@10, Recall@100 and MRR@10 per mode."""
+    from woolocal_ingest.eval import evaluate, load_eval_set, write_beir_corpus
+
+    try:
+        if write_corpus:
+            n = write_beir_corpus(dataset, write_corpus)
+            click.echo(f"wrote {n} documents to {write_corpus}; next: woolocal ingest {write_corpus} --name NAME, "
+                       f"then woolocal eval NAME {dataset}", err=True)
+            return
+        if store is None:
+            raise click.UsageError("STORE is required (a store folder or a project name)")
+        data = load_eval_set(dataset, split=split)
+        from woolocal_ingest.api import open_store
+
+        root = stores
+        if root is None and not Path(store).exists():
+            cfg = obj.config
+            root = cfg.stores_root(cfg.project(store))
+        report = evaluate(open_store(store, stores_root=root), data, modes=modes or ("hybrid", "dense", "lexical"))
+    except WoolocalError as e:
+        raise _fail(e)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(report.table())
 
 
 @main.command()
