@@ -201,6 +201,7 @@ def _load_once(path: Path) -> tuple[tuple, Store]:
         try:
             store = Store(base)
             check_dims(path, store.manifest, store.index.d)
+            store.lexical  # the BM25 index (and the rows' context it needs) from this same version, not lazily later
             after = _identity(path, fd)
         except (StoreError, FileNotFoundError) as e:
             if _path_identity(path) != before:
