@@ -213,3 +213,30 @@ def test_beir_folder_round_trip_and_errors(tmp_path, embedder):
         load_eval_set(bad)
     res = CliRunner().invoke(main, ["eval", str(folder), str(bad)])
     assert res.exit_code == 2 and "q.tsv:1" in res.output
+
+
+def test_a_store_of_an_older_scheme_is_rechunked_reusing_unchanged_vectors(tmp_path, embedder):
+    from woolocal_ingest.chunking import CHUNKER_VERSION, ChunkSettings
+    from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+    from woolocal_ingest.ingest import run_ingest
+
+    sample = Path(__file__).resolve().parent.parent / "data" / "sample-project"
+    root = tmp_path / "proj"
+    root.mkdir()
+    for name in ("README.md", "guides/watering-schedule.rst"):  # Markdown and reST, hard-wrapped
+        (root / name.rsplit("/", 1)[-1]).write_bytes((sample / name).read_bytes())
+
+    def ingest(settings):
+        return run_ingest("sample", root, tmp_path / "stores", embedder, settings, DEFAULT_INCLUDE, DEFAULT_EXCLUDE,
+                          cache={"enabled": False})
+
+    old = ingest(ChunkSettings(200, 32, sentences=False, context=False))  # as chunker 3 cut and embedded
+    mid = ingest(ChunkSettings(200, 32, sentences=True, context=False))
+    assert mid.written and 0 < mid.reused and mid.embedded < mid.count  # chunks whose text did not move: reused
+    new = ingest(ChunkSettings())
+    st = Store(Path(new.store), embedder=embedder)
+    assert st.manifest["chunking"]["chunker_version"] == CHUNKER_VERSION
+    assert st.manifest["chunking"]["scheme"] == "sentences+context"
+    assert new.updated == new.count and new.embedded == new.count  # every embedded text gained its context
+    assert all(c.context for c in st.chunks()) and verify_store(st.path) == []
+    assert old.count and ingest(ChunkSettings()).written is False  # and then it is stable
