@@ -194,6 +194,9 @@ def test_beir_folder_round_trip_and_errors(tmp_path, embedder):
     data = load_eval_set(beir)
     assert data.format == "beir" and list(data.queries) == ["q1"]
     assert evaluate(Store(folder, embedder=embedder), data).modes["dense"].mrr_10 == 1.0
+    res = CliRunner().invoke(main, ["eval", "--write-corpus", str(tmp_path / "cli-docs"), str(beir)])
+    assert res.exit_code == 0 and (tmp_path / "cli-docs" / "d%2F0.md").is_file()
+    assert CliRunner().invoke(main, ["eval", str(beir)]).exit_code == 2  # STORE DATASET, or --write-corpus DIR
     # malformed sets: the file, line and field are named
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td/5\tvery\n")
     with pytest.raises(EvalError, match=r"qrels/test.tsv:2: score 'very' is not a number"):

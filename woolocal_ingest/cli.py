@@ -434,8 +434,7 @@ def query(obj: _Ctx, store, text, k, filters, stores, mode, as_json):
 
 
 @main.command("eval")
-@click.argument("store", metavar="STORE", required=False)
-@click.argument("dataset", metavar="DATASET")
+@click.argument("args", metavar="STORE DATASET", nargs=-1)
 @click.option("--mode", "modes", type=click.Choice(["hybrid", "dense", "lexical"]), multiple=True,
               help="Modes to score (repeatable; default: all three).")
 @click.option("--split", default="test", show_default=True, help="BEIR qrels split (qrels/<split>.tsv).")
@@ -445,19 +444,24 @@ def query(obj: _Ctx, store, text, k, filters, stores, mode, as_json):
                    "then exit.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def eval_(obj: _Ctx, store, dataset, modes, split, stores, write_corpus, as_json):
+def eval_(obj: _Ctx, args, modes, split, stores, write_corpus, as_json):
     """Score STORE's search modes on DATASET: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) or a
-    queries.tsv of question<TAB>source. Prints nDCG@10, Recall@10, Recall@100 and MRR@10 per mode."""
+    queries.tsv of question<TAB>source. Prints nDCG@10, Recall@10, Recall@100 and MRR@10 per mode.
+    `eval --write-corpus DIR DATASET` writes a BEIR corpus as files to ingest first."""
     from woolocal_ingest.eval import evaluate, load_eval_set, write_beir_corpus
 
+    if write_corpus and len(args) == 1:
+        store, dataset = None, args[0]
+    elif len(args) == 2 and not write_corpus:
+        store, dataset = args
+    else:
+        raise click.UsageError("expected STORE DATASET, or --write-corpus DIR DATASET")
     try:
         if write_corpus:
             n = write_beir_corpus(dataset, write_corpus)
             click.echo(f"wrote {n} documents to {write_corpus}; next: woolocal ingest {write_corpus} --name NAME, "
-                       f"then woolocal eval NAME {dataset}", err=True)
+                       f"then woolocal eval <that store's folder> {dataset}", err=True)
             return
-        if store is None:
-            raise click.UsageError("STORE is required (a store folder or a project name)")
         data = load_eval_set(dataset, split=split)
         from woolocal_ingest.api import open_store
 
