@@ -255,13 +255,20 @@ def test_query_json_ranked_results(base, embedder):
         assert scores == sorted(scores, reverse=True)
         hits_found += fact["source"] in [h["metadata"]["source"] for h in res]
     assert hits_found >= len(fs) - 1
-    # scores are cosine similarities of the query with the stored chunk
-    q = one_json(cli("query", store_path, fs[0]["query"], "-k", "1", "--json").stdout)["results"][0]
+    # --mode dense: scores are cosine similarities of the query with the stored chunk; the default (hybrid) fuses
+    # ranks and reports each hit's cosine in `scores`
+    q = one_json(cli("query", store_path, fs[0]["query"], "-k", "1", "--mode", "dense", "--json").stdout)
+    assert q["mode"] == "dense"
+    q = q["results"][0]
     v = embedder.embed_query(fs[0]["query"])
     store = Store(Path(store_path))
     row = store.ids.index(q["id"])
     assert abs(float(store.vectors()[row] @ v) - q["score"]) < 1e-3
     assert q["text"] == store.chunks()[row].text
+    h = one_json(cli("query", store_path, fs[0]["query"], "-k", "1", "--json").stdout)
+    assert h["mode"] == "hybrid" and h["results"][0]["mode"] == "hybrid"
+    assert abs(float(store.vectors()[store.ids.index(h["results"][0]["id"])] @ v)
+               - h["results"][0]["scores"]["dense"]) < 1e-3
 
 
 def test_query_by_project_name_filter_and_text_output(base):

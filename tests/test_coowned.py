@@ -96,6 +96,10 @@ def test_wooster_append_delete_rewrite_survive_every_command(tmp_path, embedder,
     assert (set(st.drift.added), set(st.drift.deleted), set(st.drift.rewritten)) == (
         {"wooster-memory-1"}, {gone}, {rewritten})
     assert st.search(MEMORY, k=1)[0].id == "wooster-memory-1"
+    # BM25 covers what Wooster wrote (brought up to date in memory), never the text it replaced
+    assert st.search("bicycle", k=1, mode="lexical")[0].id == "wooster-memory-1"
+    assert rewritten in {h.id for h in st.search("cooked vegetables allowed", k=3, mode="lexical")}
+    assert gone not in {h.id for h in st.search(tools[0].text, k=st.count, mode="lexical")}
     r = CliRunner().invoke(main, ["stores", "verify", str(path)])
     assert r.exit_code == 0, r.output
     assert "changed outside woolocal (langchain-js): +1 rows, \u22121 rows, 1 rewritten" in r.stdout
@@ -114,7 +118,9 @@ def test_wooster_append_delete_rewrite_survive_every_command(tmp_path, embedder,
     assert rows["wooster-memory-1"].text == MEMORY and rows["wooster-memory-1"].metadata["kind"] == "fact"
     assert rows[rewritten].text == new_text and rows[gone].text == before[gone].text
     assert set(rows) == set(before) | {"wooster-memory-1"}
-    assert verify_store(path) == [] and not after.drift.changed
+    assert verify_store(path) == [] and not after.drift.changed  # lexical.sqlite included: adopted rows indexed
+    assert after.search("bicycle", k=1, mode="lexical")[0].id == "wooster-memory-1"
+    assert after.lexical.counts.inserted == 0  # the written index already holds every row
     # our vector for Wooster's row is the model's own for its text
     v = after.vectors()[after.ids.index("wooster-memory-1")]
     assert float(v @ embedder.embed_documents([MEMORY])[0]) > 0.9999

@@ -113,8 +113,9 @@ def test_first_ingest_builds_a_sound_store(base, embedder):
     store = Store(target)
     assert summary.count == store.count == summary.added > 20
     assert (summary.updated, summary.unchanged, summary.deleted, summary.skipped_files) == (0, 0, 0, [])
-    chunk_texts = [c.text for c in store.chunks()]
+    chunk_texts = [c.embed_text for c in store.chunks()]  # what is embedded: context + chunk
     assert sorted(texts) == sorted(set(chunk_texts)), "every distinct chunk text embedded exactly once"
+    assert all(c.context and c.embed_text.endswith(c.text) for c in store.chunks())
     assert summary.embedded == len(texts)
     # every file is in the store, and the manifest records the hash of the bytes on disk
     files = source_files(proj)
@@ -195,7 +196,9 @@ def test_changed_file_reembeds_only_its_own_chunks(work):
     assert s.written and verify_store(work.target) == []
     assert work.spy.texts, "the changed text must be embedded"
     own_after = {i: r for i, r in after.items() if r[0] == rel}
-    assert set(work.spy.texts) <= {r[1] for r in own_after.values()}, "only the changed file's chunks are embedded"
+    own_embedded = {c.embed_text for c in after_store.chunks() if c.source == rel}
+    assert len(own_embedded) == len(own_after)
+    assert set(work.spy.texts) <= own_embedded, "only the changed file's chunks are embedded"
     assert len(work.spy.texts) < len(own_after), "unchanged chunks of the changed file reuse their vectors"
     assert s.embedded == len(work.spy.texts)
     assert s.updated >= 1 and s.deleted == len(own_before - own_after.keys()) and s.added == len(own_after.keys() - own_before)
@@ -371,7 +374,8 @@ def test_previously_indexed_file_that_turns_unreadable_keeps_its_chunks(work, mo
     after = rows(work.store())
     assert {i: r for i, r in after.items() if r[0] == rel} == kept, "the unreadable file's chunks must survive"
     assert s.deleted == 0 or all(before[i][0] != rel for i in set(before) - set(after))
-    assert all(t not in {r[1] for r in kept.values()} for t in work.spy.texts)
+    kept_embedded = {c.embed_text for c in work.store().chunks() if c.id in kept}
+    assert all(t not in kept_embedded for t in work.spy.texts)
     assert work.store().manifest["source"]["files"][rel] == hashlib.sha256(original).hexdigest()
     hits = work.store().search("demolished laundromat garden founded", k=3)
     assert rel in [h.source for h in hits]

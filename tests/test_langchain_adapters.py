@@ -105,7 +105,7 @@ def test_vectorstore_same_top_k_as_store_search(store, stores_root, embedder, ho
     assert isinstance(vs, VectorStore)
     assert vs.index.ntotal == store.count
     for fact in FACTS:
-        want = store.search(fact["query"], k=5)
+        want = store.search(fact["query"], k=5, mode="dense")
         got = vs.similarity_search(fact["query"], k=5)
         assert [d.id for d in got] == [h.id for h in want]
         assert [d.page_content for d in got] == [h.text for h in want]
@@ -113,7 +113,7 @@ def test_vectorstore_same_top_k_as_store_search(store, stores_root, embedder, ho
         scored = vs.similarity_search_with_relevance_scores(fact["query"], k=5)
         assert [s for _, s in scored] == pytest.approx([h.score for h in want], abs=1e-5)
     retriever = vs.as_retriever(search_kwargs={"k": 3})
-    assert [d.id for d in retriever.invoke(FACTS[0]["query"])] == [h.id for h in store.search(FACTS[0]["query"], k=3)]
+    assert [d.id for d in retriever.invoke(FACTS[0]["query"])] == [h.id for h in store.search(FACTS[0]["query"], k=3, mode="dense")]
     # metadata filters work as LangChain's own
     got = vs.similarity_search(FACTS[0]["query"], k=3, filter={"source": "README.md"}, fetch_k=store.count)
     assert got and {d.metadata["source"] for d in got} == {"README.md"}

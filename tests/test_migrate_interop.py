@@ -79,7 +79,7 @@ def test_langchain_python_load_local_ranks_like_us(migrated_full, queries, embed
         for (doc, dist), hit in zip(theirs, ours):
             assert doc.page_content == hit.text and doc.metadata == hit.metadata
             assert 1.0 - float(dist) / 2.0 == pytest.approx(hit.score, abs=1e-4)
-        assert [d.id for d in db.similarity_search(q, k=K)] == [h.id for h in store.search(q, k=K)]
+        assert [d.id for d in db.similarity_search(q, k=K)] == [h.id for h in store.search(q, k=K, mode="dense")]
 
 
 def test_wooster_vectorstore_migrated_in_place_opens_in_langchain_js(langchain_js, tmp_path, embedder, queries):

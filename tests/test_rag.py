@@ -187,6 +187,26 @@ def test_search_matches_store_search(client, world, embedder, name):
     assert [h["score"] for h in hits] == pytest.approx([w.score for w in want], abs=1e-5)
     assert hits[0]["metadata"]["source"] == fact["source"]
     assert fact["sentence"].split(",")[0] in " ".join(h["text"] for h in hits)
+    assert body["mode"] == "hybrid" and hits[0]["mode"] == "hybrid" and "dense" in hits[0]["scores"]
+
+
+def test_search_modes_agree_with_store_search(client, world, embedder):
+    store = open_store(world["stores_root"] / "sample" / STORE, embedder=embedder)
+    q = FACTS[1]["query"]
+    for mode in ("dense", "lexical"):
+        r = client.post(f"/v1/stores/{SAMPLE_ID}/search", json={"query": q, "k": 3, "mode": mode})
+        assert r.status_code == 200, r.text
+        want = store.search(q, k=3, mode=mode)
+        assert [(h["id"], h["mode"]) for h in r.json()["data"]] == [(w.id, mode) for w in want]
+        assert [h["score"] for h in r.json()["data"]] == pytest.approx([w.score for w in want], abs=1e-4)
+    r = client.post("/v1/rag/context", json={"store": SAMPLE_ID, "query": q, "k": 2, "mode": "lexical"})
+    assert r.status_code == 200 and r.json()["mode"] == "lexical"
+    assert [c["id"] for c in r.json()["chunks"]] == [w.id for w in store.search(q, k=2, mode="lexical")]
+    for bad, where in (({"query": q, "mode": "bm25"}, "hybrid, dense, lexical"),
+                       ({"vector": embedder.embed_query(q).tolist(), "mode": "hybrid"}, "needs the query text")):
+        r = client.post(f"/v1/stores/{SAMPLE_ID}/search", json=bad)
+        assert r.status_code == 400 and where in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "mode"
 
 
 def test_search_by_vector_and_filter(client, world, embedder):

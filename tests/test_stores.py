@@ -132,7 +132,7 @@ def test_store_folder_is_named_for_model_and_dim(built, store_path):
 
 def test_store_files(store_path):
     names = sorted(p.name for p in store_path.iterdir())
-    assert names == sorted(["faiss.index", "docstore.json", "chunks.parquet", "manifest.json", "index.faiss",
+    assert names == sorted(["faiss.index", "docstore.json", "chunks.parquet", "manifest.json", "index.faiss", "lexical.sqlite",
                             "index.pkl"])
 
 
@@ -152,8 +152,8 @@ def test_parquet_schema_and_values(table, store_path):
     import pyarrow as pa
 
     schema = table.schema
-    assert schema.names == ["id", "source", "chunk", "text", "sha256", "metadata", "embedding"]
-    for name in ("id", "source", "text", "sha256", "metadata"):
+    assert schema.names == ["id", "source", "chunk", "text", "sha256", "metadata", "context", "embedding"]
+    for name in ("id", "source", "text", "sha256", "metadata", "context"):
         assert schema.field(name).type == pa.string(), name
     assert pa.types.is_integer(schema.field("chunk").type)
     emb_type = schema.field("embedding").type
@@ -164,7 +164,8 @@ def test_parquet_schema_and_values(table, store_path):
     rows = table.to_pylist()
     assert len({r["id"] for r in rows}) == len(rows)
     for r in rows:
-        assert r["sha256"] == hashlib.sha256(r["text"].encode("utf-8")).hexdigest()
+        embedded = f"{r['context']}\n\n{r['text']}" if r["context"] else r["text"]  # the text as embedded
+        assert r["sha256"] == hashlib.sha256(embedded.encode("utf-8")).hexdigest()
         meta = json.loads(r["metadata"])
         assert meta["source"] == r["source"]
         assert meta["chunk"] == r["chunk"]
@@ -217,7 +218,8 @@ def test_manifest_values(store_path, built, table):
     assert manifest["source"]["files"] == expected_sources
     assert set(table.column("source").to_pylist()) == set(expected_sources)
     # Store files: the sha256 of each, as on disk.
-    assert set(manifest["files"]) == {"faiss.index", "docstore.json", "chunks.parquet", "index.faiss", "index.pkl"}
+    assert set(manifest["files"]) == {"faiss.index", "docstore.json", "chunks.parquet", "index.faiss", "index.pkl",
+                                     "lexical.sqlite"}
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((store_path / name).read_bytes()).hexdigest() == digest, name
 
@@ -246,7 +248,7 @@ def test_verbatim_sentence_finds_its_chunk_first(store, built, source, sentence)
 def test_scores_descending_and_cosine(store, embedder):
     vecs = store.vectors()
     for q, qv in zip(QUESTIONS, query_vectors(embedder)):
-        hits = store.search(q, k=10)
+        hits = store.search(q, k=10, mode="dense")
         assert len(hits) == 10
         scores = [h.score for h in hits]
         assert scores == sorted(scores, reverse=True)
@@ -255,6 +257,12 @@ def test_scores_descending_and_cosine(store, embedder):
         for h in hits:
             assert h.score == pytest.approx(float(vecs[h.row] @ qv), abs=1e-4)
         assert len({h.id for h in hits}) == 10
+        # hybrid (the default): fused scores descending, each hit's cosine in `scores`
+        fused = store.search(q, k=10)
+        assert [h.mode for h in fused] == ["hybrid"] * 10 and len({h.id for h in fused}) == 10
+        assert [h.score for h in fused] == sorted((h.score for h in fused), reverse=True)
+        for h in fused:
+            assert h.scores["dense"] == pytest.approx(float(vecs[h.row] @ qv), abs=1e-4)
 
 
 def test_search_is_exhaustive_top_k(store, embedder):
@@ -272,14 +280,15 @@ def test_filter_file_type(store):
     q = "How do I format a number as a string in Python?"
     unfiltered = store.search(q, k=20)
     assert any(h.metadata["fileType"] != "md" for h in unfiltered)  # the filter has something to remove
-    hits = store.search(q, k=20, filter={"fileType": "md"})
+    hits = store.search(q, k=20, filter={"fileType": "md"}, mode="dense")
     assert len(hits) == 20
+    assert all(h.metadata["fileType"] == "md" for h in store.search(q, k=20, filter={"fileType": "md"}))
     assert all(h.metadata["fileType"] == "md" for h in hits)
     assert all(h.source.endswith(".md") for h in hits)
     txt = store.search("How do I create a random UUID with the uuid package?", k=5, filter={"fileType": "txt"})
     assert txt and all(h.metadata["fileType"] == "txt" for h in txt)
     # The md-filtered ranking is the unfiltered ranking restricted to md rows.
-    everything = store.search(q, k=store.count)
+    everything = store.search(q, k=store.count, mode="dense")
     assert [h.id for h in hits] == [h.id for h in everything if h.metadata["fileType"] == "md"][:20]
 
 
@@ -469,8 +478,8 @@ def test_successful_rewrite_replaces_store_and_leaves_nothing_beside(store_copy,
     assert s.ids == [c.id for c in chunks]
     assert s.chunks() == chunks
     np.testing.assert_array_equal(s.vectors(), vectors)
-    # No Python layout asked for this time: only the LangChain JS files and the canonical record.
-    assert sorted(p.name for p in store_copy.iterdir()) == ["chunks.parquet", "docstore.json", "faiss.index",
+    # No Python layout asked for this time: only the LangChain JS files, the canonical record and the BM25 index.
+    assert sorted(p.name for p in store_copy.iterdir()) == ["chunks.parquet", "docstore.json", "faiss.index", "lexical.sqlite",
                                                            "manifest.json"]
     assert s.manifest["layouts"] == ["langchain-js"]
     assert {h.id for h in s.search("anything at all", k=100)} == {c.id for c in chunks}

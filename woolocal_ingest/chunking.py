@@ -27,7 +27,17 @@ LANGUAGE_BY_TYPE: dict[str, Language] = {
 }
 # Bump when chunk boundaries or metadata change: stores built by an older chunker are re-chunked on the next ingest.
 # 3: heading-only and few-token pieces merged into a neighbour; secrets redacted before chunking.
-CHUNKER_VERSION = 3
+# 4: boundaries at sentence ends before line breaks and spaces; the embedded text is the chunk prefixed by its
+#    document's title and heading path (`Chunk.context`), while the stored text stays the plain chunk.
+CHUNKER_VERSION = 4
+MAX_CONTEXT_TOKENS = 48  # the title/heading prefix is cut to this many tokens (and never pushes a chunk past the limit)
+# A sentence ends at . ! ? (optionally closed by a quote or bracket) followed by whitespace; "e.g." and "i.e." do not
+# end one. A zero-width-then-space separator, so the splitter cuts between sentences and keeps both intact.
+# Before a reST section title (optionally overlined): LangChain's reST separators cut at the underline, which leaves
+# the title at the end of one chunk and its underline at the start of the next.
+_ADORN = r"[=\-~^\"'`#*+:.<>_]{3,}[ \t]*"
+RST_SECTION = rf"\n\n+(?=(?:{_ADORN}\n)?[^\n]+\n{_ADORN}(?:\n|$))"
+SENTENCE_END = r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))(?<!\be\.g\.)(?<!\bi\.e\.)\s+"
 MIN_CHUNK_TOKENS = 16  # a piece with fewer tokens (or only headings) is merged into its neighbour
 _HEADED = {"md", "markdown", "html", "htm", "xhtml", "rst", "docx", "ipynb"}
 _MD_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.M)
@@ -41,11 +51,19 @@ class ChunkSettings:
 
     chunk_tokens: int = 200
     overlap_tokens: int = 32
+    sentences: bool = True  # cut at sentence ends before line breaks and spaces (CHUNKER_VERSION 4)
+    context: bool = True  # embed each chunk with its title > heading path prefix (CHUNKER_VERSION 4)
+
+    def scheme(self) -> str:
+        """The boundary and embedded-text scheme these settings chunk by (recorded in the manifest)."""
+        return "+".join(["sentences" if self.sentences else "spaces"] + (["context"] if self.context else []))
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One row of a store: the text to embed, where it came from, and its JSON metadata."""
+    """One row of a store: its text (what LangChain's `pageContent` holds, shown and cited), where it came from, its
+    JSON metadata, and the `context` (document title > heading path) embedded in front of the text. `sha256` is of
+    the embedded text (`embed_text`): vectors are reused and cached by what was really embedded."""
 
     id: str
     text: str
@@ -53,10 +71,21 @@ class Chunk:
     chunk: int
     metadata: dict = field(hash=False, compare=True)
     sha256: str = ""
+    context: str = ""
+
+    @property
+    def embed_text(self) -> str:
+        """What the model embeds: `context` and a blank line before the text (the text alone without context)."""
+        return embed_text(self.context, self.text)
 
     @staticmethod
     def text_sha256(text: str) -> str:
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def embed_text(context: str, text: str) -> str:
+    """The text a chunk is embedded (and lexically indexed) as: its context, a blank line, its text."""
+    return f"{context}\n\n{text}" if context else text
 
 
 def chunk_id(source: str, index: int) -> str:
@@ -65,15 +94,16 @@ def chunk_id(source: str, index: int) -> str:
                           version=4))
 
 
-def _headings(doc: Document) -> list[tuple[int, str]]:
-    """(offset, heading text) for each heading of a Markdown/HTML or reStructuredText document."""
+def _headings(doc: Document) -> list[tuple[int, int, str]]:
+    """(offset, level, heading text) for each heading of a Markdown/HTML or reStructuredText document (reST levels in
+    the order its adornment styles first appear, as docutils assigns them)."""
     text = doc.text
     kind = str(doc.metadata.get("fileType", doc.file_type)).lower()
     if kind not in _HEADED:
         return []  # code comments and CSV rows are not headings
     if kind == "rst":
         out, lines, pos = [], text.split("\n"), 0
-        offsets = []
+        offsets, styles = [], {}
         for line in lines:
             offsets.append(pos)
             pos += len(line) + 1
@@ -81,7 +111,8 @@ def _headings(doc: Document) -> list[tuple[int, str]]:
             title, under = lines[i - 1].strip(), lines[i]
             if title and _RST_UNDERLINE.match(under) and len(under.rstrip()) >= len(title) and not _RST_UNDERLINE.match(title):
                 over = i >= 2 and _RST_UNDERLINE.match(lines[i - 2]) is not None  # over- and underlined title
-                out.append((offsets[i - 2] if over else offsets[i - 1], title))
+                level = styles.setdefault((under.strip()[0], over), len(styles) + 1)
+                out.append((offsets[i - 2] if over else offsets[i - 1], level, title))
         return out
     # Markdown: '#' lines inside fenced code blocks (shell or Python comments) are not headings.
     out, pos, fence = [], 0, ""
@@ -95,25 +126,43 @@ def _headings(doc: Document) -> list[tuple[int, str]]:
         else:
             m = _MD_HEADING.match(line)
             if m:
-                out.append((pos, m.group(2).strip()))
+                out.append((pos, len(m.group(1)), m.group(2).strip()))
         pos += len(line) + 1
     return out
 
 
-def _splitter(file_type: str, settings: ChunkSettings, counter: "TokenCounter") -> RecursiveCharacterTextSplitter:
-    kwargs = dict(chunk_size=settings.chunk_tokens, chunk_overlap=settings.overlap_tokens,
-                  length_function=counter.count, add_start_index=True, strip_whitespace=True)
+def separators(file_type: str, sentences: bool = True) -> list[str]:
+    """The splitter's separators (regexes), coarsest first: LangChain's for the file's language, with sentence ends
+    tried before line breaks and spaces. For prose (Markdown, reST, plain text) sentence ends come right after
+    blank lines: hard-wrapped paragraphs break lines mid-sentence. For code and CSV (a line is a row) they come
+    after line breaks."""
     lang = LANGUAGE_BY_TYPE.get(file_type)
-    if lang is not None:
-        return RecursiveCharacterTextSplitter.from_language(lang, **kwargs)
-    return RecursiveCharacterTextSplitter(**kwargs)
+    if lang is None:
+        seps = [re.escape(x) for x in ("\n\n", "\n", " ")] + [""]
+    elif lang == Language.RST and sentences:
+        seps = [RST_SECTION, "\n\n.. *\n\n", "\n\n", "\n", " ", ""]
+    else:
+        seps = list(RecursiveCharacterTextSplitter.get_separators_for_language(lang))
+    if not sentences:
+        return seps
+    prose = lang in (Language.MARKDOWN, Language.RST) or (lang is None and file_type not in ("csv", "tsv"))
+    at = seps.index(re.escape("\n") if lang is None else "\n") + (0 if prose else 1)
+    return seps[:at] + [SENTENCE_END] + seps[at:]
+
+
+def _splitter(file_type: str, settings: ChunkSettings, counter: "TokenCounter") -> RecursiveCharacterTextSplitter:
+    return RecursiveCharacterTextSplitter(
+        separators=separators(file_type, settings.sentences), is_separator_regex=True,
+        chunk_size=settings.chunk_tokens, chunk_overlap=settings.overlap_tokens,
+        length_function=counter.count, add_start_index=True, strip_whitespace=True)
 
 
 def effective_settings(settings: ChunkSettings, counter: "TokenCounter", max_tokens: int) -> ChunkSettings:
     """Settings capped so that no chunk (plus the model's special tokens) exceeds its max sequence length."""
     limit = max_tokens - counter.special_tokens
     size = min(settings.chunk_tokens, limit)
-    return ChunkSettings(chunk_tokens=size, overlap_tokens=min(settings.overlap_tokens, size // 2))
+    return ChunkSettings(chunk_tokens=size, overlap_tokens=min(settings.overlap_tokens, size // 2),
+                         sentences=settings.sentences, context=settings.context)
 
 
 def chunk_document(doc: Document, counter: "TokenCounter", settings: ChunkSettings, max_tokens: int) -> list[Chunk]:
@@ -142,6 +191,8 @@ def chunk_document(doc: Document, counter: "TokenCounter", settings: ChunkSettin
     line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
     heads = _headings(doc)
     head_pos = [h[0] for h in heads]
+    paths = _heading_paths(heads)
+    title = _title(doc, heads)
     total = len(pieces)
     chunks = []
     for i, (start, piece) in enumerate(pieces):
@@ -151,10 +202,45 @@ def chunk_document(doc: Document, counter: "TokenCounter", settings: ChunkSettin
         meta = {**doc.metadata, "loc": {"lines": {"from": line_from, "to": line_to}}, "chunk": i, "totalChunks": total}
         h = bisect.bisect_right(head_pos, start + (len(piece) - len(piece.lstrip())))
         if h:
-            meta["heading"] = heads[h - 1][1]
+            meta["heading"] = heads[h - 1][2]
+        ctx = _context(title, paths[h - 1] if h else [], piece, counter, limit) if eff.context else ""
         chunks.append(Chunk(id=chunk_id(doc.id, i), text=piece, source=doc.id, chunk=i, metadata=meta,
-                            sha256=Chunk.text_sha256(piece)))
+                            sha256=Chunk.text_sha256(embed_text(ctx, piece)), context=ctx))
     return chunks
+
+
+def _heading_paths(heads: list[tuple[int, int, str]]) -> list[list[str]]:
+    """For each heading, the titles from the outermost section down to it."""
+    stack: list[tuple[int, str]] = []
+    out = []
+    for _, level, title in heads:
+        while stack and stack[-1][0] >= level:
+            stack.pop()
+        stack.append((level, title))
+        out.append([t for _, t in stack])
+    return out
+
+
+def _title(doc: Document, heads: list[tuple[int, int, str]]) -> str:
+    """A document's title: its first outermost heading, else its file name."""
+    if heads:
+        top = min(h[1] for h in heads)
+        return next(h[2] for h in heads if h[1] == top)
+    return str(doc.metadata.get("fileName") or doc.id.rsplit("/", 1)[-1])
+
+
+def _context(title: str, path: list[str], piece: str, counter: "TokenCounter", limit: int) -> str:
+    """`Title > Section > Subsection` for a chunk, cut to MAX_CONTEXT_TOKENS and to what the model's limit leaves
+    beside the chunk (outer sections go first, then the title; no context when nothing fits)."""
+    parts = path if path and path[0] == title else [title, *path]
+    parts = [" ".join(p.split()) for p in parts if p.strip()]
+    room = min(MAX_CONTEXT_TOKENS, limit - counter.count(piece) - 2)  # 2: the blank line's tokens, to be safe
+    while parts:
+        ctx = " > ".join(parts)
+        if counter.count(ctx) <= room:
+            return ctx
+        parts = parts[:1] + parts[2:] if len(parts) > 2 else parts[1:]  # drop the outermost section below the title
+    return ""
 
 
 def _heading_only(piece: str) -> bool:
@@ -211,5 +297,6 @@ def chunk_documents(docs: Iterable[Document], counter: "TokenCounter", settings:
 def chunking_record(eff: ChunkSettings, tokenizer: str, sources: SourceOptions) -> dict:
     """The manifest's `chunking`: what decides the chunks (a change re-chunks the whole project)."""
     return {"chunker_version": CHUNKER_VERSION, "chunk_tokens": eff.chunk_tokens, "overlap_tokens": eff.overlap_tokens,
-            "tokenizer": tokenizer, "splitter": "langchain-text-splitters recursive (by file type)",
+            "tokenizer": tokenizer, "scheme": eff.scheme(),
+            "splitter": "langchain-text-splitters recursive (by file type), sentence ends before line breaks",
             "secrets": sources.secrets}

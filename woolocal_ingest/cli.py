@@ -520,11 +520,13 @@ def _parse_filter(items: tuple[str, ...]) -> dict | None:
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE", help="Metadata filter (dotted keys; repeatable).")
 @click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root for a project name.")
+@click.option("--mode", type=click.Choice(["hybrid", "dense", "lexical"]), default="hybrid", show_default=True,
+              help="hybrid: dense and BM25 rankings fused (RRF); dense: embeddings only; lexical: BM25 only.")
 @click.option("--no-service", is_flag=True, help="Search in this process even when a `woolocal serve` for the stores "
               "root is running.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def query(obj: _Ctx, store, text, k, filters, stores, no_service, as_json):
+def query(obj: _Ctx, store, text, k, filters, stores, mode, no_service, as_json):
     """Search STORE (a store folder, or a project name) for TEXT.
 
     When a `woolocal serve` for the stores root is running, it answers (its model is loaded); otherwise the search
@@ -535,24 +537,24 @@ def query(obj: _Ctx, store, text, k, filters, stores, no_service, as_json):
         if root is None and not Path(store).exists():
             cfg = obj.config
             root = cfg.stores_root(cfg.project(store))
-        out = None if no_service else _query_service(store, root, text, k, flt)
+        out = None if no_service else _query_service(store, root, text, k, flt, mode)
         via = "service"
         if out is None:
             from woolocal_ingest.api import open_store
 
             st = open_store(store, stores_root=root)
-            hits = st.search(text, k=k, filter=flt)
+            hits = st.search(text, k=k, filter=flt, mode=mode)
             if st.drift.changed:  # rows Wooster or LangChain wrote since our last run: served, and said
                 click.echo(f"note: {st.path}: {st.drift.describe()}", err=True)
             out = {"store": str(st.path), "model": st.manifest["model"]["name"], "dim": st.dim, "count": st.count,
-                   "query": text, "results": [h.to_dict() for h in hits]}
+                   "query": text, "mode": mode, "results": [h.to_dict() for h in hits]}
             via = "in-process"
     except WoolocalError as e:
         raise _fail(e)
     if as_json:
         _emit_json({**{k_: v for k_, v in out.items() if k_ != "count"}, "via": via})
         return
-    click.echo(f"{out['store']}  ({out['model']}, {out['dim']}d, {out['count']} chunks" +
+    click.echo(f"{out['store']}  ({out['model']}, {out['dim']}d, {out['count']} chunks, {mode} search" +
                (", via woolocal serve)" if via == "service" else ")"))
     for i, h in enumerate(out["results"], 1):
         md = h["metadata"] or {}
@@ -565,7 +567,8 @@ def query(obj: _Ctx, store, text, k, filters, stores, no_service, as_json):
         click.echo("no results")
 
 
-def _query_service(store: str, stores_root: str | Path | None, text: str, k: int, flt: dict | None) -> dict | None:
+def _query_service(store: str, stores_root: str | Path | None, text: str, k: int, flt: dict | None,
+                   mode: str = "hybrid") -> dict | None:
     """The search answered by a running `woolocal serve` for the store's stores root (the query's JSON object), or
     None when there is none or it cannot answer (the caller searches in-process)."""
     from woolocal_ingest.service.discovery import ServiceUnavailable, find_service, search
@@ -583,12 +586,57 @@ def _query_service(store: str, stores_root: str | Path | None, text: str, k: int
     if svc is None:
         return None
     try:
-        r = search(svc, name, text, k, flt)
+        r = search(svc, name, text, k, flt, mode=mode)
         return {"store": str(root / r["store"]), "model": r["model"], "dim": r["dim"], "count": r["count"],
-                "query": text, "results": [{"id": h["id"], "text": h["text"], "metadata": h["metadata"],
+                "query": text, "mode": mode, "results": [{"id": h["id"], "text": h["text"], "metadata": h["metadata"],
                                             "score": h["score"]} for h in r["data"]]}
     except (ServiceUnavailable, KeyError, TypeError):
         return None
+
+
+@main.command("eval")
+@click.argument("args", metavar="STORE DATASET", nargs=-1)
+@click.option("--mode", "modes", type=click.Choice(["hybrid", "dense", "lexical"]), multiple=True,
+              help="Modes to score (repeatable; default: all three).")
+@click.option("--split", default="test", show_default=True, help="BEIR qrels split (qrels/<split>.tsv).")
+@click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root for a project name.")
+@click.option("--write-corpus", "write_corpus", type=click.Path(file_okay=False), default=None,
+              help="Write a BEIR corpus.jsonl as one Markdown file per document into this folder (to ingest), "
+                   "then exit.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def eval_(obj: _Ctx, args, modes, split, stores, write_corpus, as_json):
+    """Score STORE's search modes on DATASET: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) or a
+    queries.tsv of question<TAB>source. Prints nDCG@10, Recall@10, Recall@100 and MRR@10 per mode.
+    `eval --write-corpus DIR DATASET` writes a BEIR corpus as files to ingest first."""
+    from woolocal_ingest.eval import evaluate, load_eval_set, write_beir_corpus
+
+    if write_corpus and len(args) == 1:
+        store, dataset = None, args[0]
+    elif len(args) == 2 and not write_corpus:
+        store, dataset = args
+    else:
+        raise click.UsageError("expected STORE DATASET, or --write-corpus DIR DATASET")
+    try:
+        if write_corpus:
+            n = write_beir_corpus(dataset, write_corpus)
+            click.echo(f"wrote {n} documents to {write_corpus}; next: woolocal ingest {write_corpus} --name NAME, "
+                       f"then woolocal eval <that store's folder> {dataset}", err=True)
+            return
+        data = load_eval_set(dataset, split=split)
+        from woolocal_ingest.api import open_store
+
+        root = stores
+        if root is None and not Path(store).exists():
+            cfg = obj.config
+            root = cfg.stores_root(cfg.project(store))
+        report = evaluate(open_store(store, stores_root=root), data, modes=modes or ("hybrid", "dense", "lexical"))
+    except WoolocalError as e:
+        raise _fail(e)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(report.table())
 
 
 @main.command()

@@ -373,7 +373,7 @@ def _new_texts(plan: IngestPlan, chunks: Sequence[Chunk], seen: set[str]) -> lis
     for c in chunks:
         if c.sha256 not in plan.reusable and c.sha256 not in seen:
             seen.add(c.sha256)
-            out.append(c.text)
+            out.append(c.embed_text)  # what c.sha256 is of: the text with its title > heading context
     return out
 
 

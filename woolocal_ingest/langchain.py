@@ -119,8 +119,9 @@ def __getattr__(name: str) -> Any:
 def as_langchain_vectorstore(store_or_path: "Store | str | os.PathLike", *, embeddings: Any = None,
                              stores_root: "str | os.PathLike | None" = None, model: str | None = None) -> "FAISS":
     """A woolocal store as a LangChain `VectorStore` (langchain_community.vectorstores.FAISS): the same vectors,
-    ids, texts and metadata, so `similarity_search(q, k)` returns the same top-k as `Store.search(q, k)`;
-    `similarity_search_with_relevance_scores` gives Store.search's scores (cosine). It is a copy in memory: adding
+    ids, texts and metadata, so `similarity_search(q, k)` returns the same top-k as `Store.search(q, k, mode="dense")`
+    (dense, as LangChain expects of a vector store; `Store.search` defaults to hybrid);
+    `similarity_search_with_relevance_scores` gives the dense scores (cosine). It is a copy in memory: adding
     texts to it does not change the store on disk (`woolocal ingest` does that).
 
     `store_or_path`: an open Store, a store folder, or a project name (looked up under `stores_root`, like

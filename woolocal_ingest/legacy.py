@@ -977,10 +977,10 @@ def _read_woolocal(p: Path) -> LegacyStore:
     for c in chunks:
         # The writer keeps the sha256 of the text as chunked, before lone surrogates became U+FFFD (ingest's change
         # detection compares it with freshly chunked text): such a row keeps its stored sha256.
-        sha = Chunk.text_sha256(c.text)
-        if c.sha256 != sha and "\ufffd" not in c.text:
+        sha = Chunk.text_sha256(c.embed_text)  # of the text as embedded: with its title > heading context
+        if c.sha256 != sha and "\ufffd" not in c.embed_text:
             bad_sha.append(c.id)
-            c = Chunk(c.id, c.text, c.source, c.chunk, c.metadata, sha)
+            c = Chunk(c.id, c.text, c.source, c.chunk, c.metadata, sha, c.context)
         fixed.append(c)
     if bad_sha:
         problems.append(Problem("sha256_mismatch", f"chunks.parquet: sha256 differs from the text's for "

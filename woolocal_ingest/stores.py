@@ -20,17 +20,19 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from woolocal_ingest.chunking import Chunk
+from woolocal_ingest.chunking import Chunk, embed_text
 from woolocal_ingest.errors import DimensionMismatchError, StoreError
 from woolocal_ingest.fsutil import FileState, fsync_dir, fsync_file, rename_exchange, sha256_file, snapshot, swap_into_place
+from woolocal_ingest.lexical import LEXICAL, LexicalIndex, check_lexical, write_lexical
 from woolocal_ingest.manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, folder_dim, read_manifest
+from woolocal_ingest.retrieval import FUSION_DEPTH, check_mode, fuse_rrf
 from woolocal_ingest.vector_index import DEFAULT_KIND, index_kind
 
 if TYPE_CHECKING:
     from woolocal_ingest.embedders.base import Embedder
 
 __all__ = [
-    "DOCSTORE_JS", "Drift", "FORMAT", "INDEX_JS", "INDEX_PY", "MANIFEST", "PARQUET", "PICKLE_PY", "SearchHit", "Store",
+    "DOCSTORE_JS", "Drift", "FORMAT", "INDEX_JS", "INDEX_PY", "LEXICAL", "MANIFEST", "PARQUET", "PICKLE_PY", "SearchHit", "Store",
     "StoreChangedError", "TRUTH_FILES", "is_store", "json_safe", "json_safe_value", "list_stores", "store_dir",
     "truth_snapshot", "verify_store", "write_store",
 ]
@@ -90,7 +92,7 @@ def json_safe_value(value: Any) -> Any:
 def _safe_chunk(c: Chunk) -> Chunk:
     """The chunk with every string it writes (id, text, source, metadata) made valid UTF-8."""
     safe = Chunk(json_safe(c.id), json_safe(c.text), json_safe(c.source), c.chunk, json_safe_value(c.metadata),
-                 c.sha256)
+                 c.sha256, json_safe(c.context))
     return c if safe == c else safe
 
 
@@ -133,6 +135,7 @@ def _write_parquet(path: Path, chunks: Sequence[Chunk], vectors: np.ndarray) -> 
         "text": pa.array([c.text for c in chunks], pa.string()),
         "sha256": pa.array([c.sha256 for c in chunks], pa.string()),
         "metadata": pa.array([json.dumps(c.metadata, ensure_ascii=False, sort_keys=True) for c in chunks], pa.string()),
+        "context": pa.array([c.context for c in chunks], pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
     })
     pq.write_table(table, path, compression="zstd")
@@ -189,6 +192,8 @@ def write_store(
         kind.write(index, tmp / INDEX_JS)
         _write_docstore(tmp / DOCSTORE_JS, safe)
         _write_parquet(tmp / PARQUET, safe, vectors)
+        # BM25 over the same rows, updated from the previous version's index (only changed rows re-indexed)
+        write_lexical(tmp / LEXICAL, [(c.id, c.embed_text) for c in safe], previous=target / LEXICAL)
         layouts = ["langchain-js"]
         if python_layout:
             _write_python_layout(tmp, safe, index)
@@ -243,20 +248,25 @@ def write_store(
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One search result; `score` is the cosine similarity (higher is closer)."""
+    """One search result; `score` is its mode's score, higher is closer: the cosine similarity (`dense`), the BM25
+    score (`lexical`) or the reciprocal-rank-fusion score (`hybrid`); `scores` holds each ranking's own score
+    (`dense`: cosine, `lexical`: BM25; absent where that ranking did not return the row)."""
 
     id: str
     text: str
     metadata: dict
     score: float
     row: int = field(default=-1, repr=False)
+    mode: str = "dense"
+    scores: dict = field(default_factory=dict, compare=False)
 
     @property
     def source(self) -> str | None:
         return self.metadata.get("source")
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "text": self.text, "metadata": self.metadata, "score": self.score}
+        return {"id": self.id, "text": self.text, "metadata": self.metadata, "score": self.score, "mode": self.mode,
+                "scores": dict(self.scores)}
 
 
 @dataclass(frozen=True)
@@ -309,12 +319,17 @@ def read_record(folder: Path, with_vectors: bool = True) -> Record:
     import pyarrow.parquet as pq
 
     path = Path(folder) / PARQUET
-    cols = ["id", "source", "chunk", "text", "sha256", "metadata"] + (["embedding"] if with_vectors else [])
+    cols = ["id", "source", "chunk", "text", "sha256", "metadata"]
     try:
-        t = pq.read_table(path, columns=cols)
-        r = t.select(cols[:6]).to_pydict()
+        # `context` (the title > heading prefix embedded before the text) came with chunker 4; older records have none
+        names = set(pq.read_schema(path).names)
+        extra = [c for c in ("context",) if c in names]
+        t = pq.read_table(path, columns=cols + extra + (["embedding"] if with_vectors else []))
+        r = t.select(cols + extra).to_pydict()
+        ctx = r.get("context") or [""] * t.num_rows
         chunks = tuple(Chunk(id=r["id"][i], text=r["text"][i], source=r["source"][i], chunk=r["chunk"][i],
-                             metadata=json.loads(r["metadata"][i]), sha256=r["sha256"][i]) for i in range(t.num_rows))
+                             metadata=json.loads(r["metadata"][i]), sha256=r["sha256"][i], context=ctx[i] or "")
+                       for i in range(t.num_rows))
         if with_vectors and t.num_rows:
             vec = np.asarray(t.column("embedding").combine_chunks().flatten(), dtype=np.float32)
             vectors = vec.reshape(t.num_rows, -1)
@@ -434,6 +449,11 @@ class Store:
     def ids(self) -> list[str]:
         return [t[0] for t in self._truth]
 
+    @property
+    def rows(self) -> list[tuple[str, str, dict]]:
+        """(id, text, metadata) of every row as the store holds it now (faiss.index + docstore.json), in row order."""
+        return list(self._truth)
+
     @cached_property
     def record(self) -> Record:
         """Our record of the store (chunks.parquet, with vectors)."""
@@ -450,17 +470,33 @@ class Store:
         out = []
         for row, (id_, text, meta) in enumerate(self._truth):
             i = rec.by_id.get(id_)
-            # our record keeps the sha256 of the text as chunked (before lone surrogates became U+FFFD)
-            sha = rec.chunks[i].sha256 if i is not None and rec.chunks[i].text == text else Chunk.text_sha256(text)
+            # our record keeps the sha256 of the text as chunked and embedded (with its context; before lone
+            # surrogates became U+FFFD); a row another writer added or rewrote is embedded as its plain text
+            ours = i is not None and rec.chunks[i].text == text
+            sha = rec.chunks[i].sha256 if ours else Chunk.text_sha256(text)
             source, chunk = meta.get("source"), meta.get("chunk")
             out.append(Chunk(id=id_, text=text, source=source if isinstance(source, str) else "",
                              chunk=chunk if isinstance(chunk, int) and not isinstance(chunk, bool) else row,
-                             metadata=meta, sha256=sha))
+                             metadata=meta, sha256=sha, context=rec.chunks[i].context if ours else ""))
         return out
 
     def vectors(self) -> np.ndarray:
         """All stored vectors, float32 [count, dim], in row order."""
         return self.index.reconstruct_n(0, self.count)
+
+    @cached_property
+    def lexical(self) -> LexicalIndex:
+        """BM25 over the rows the store holds now: its `lexical.sqlite` brought up to date in memory with the truth
+        (rows another writer added or rewrote are indexed as their text; a store without the file gets one built)."""
+        rec = read_record(self.path, with_vectors=False) if (self.path / PARQUET).is_file() else None
+        ours = rec.by_id if rec is not None else {}
+        rows = []
+        for id_, text, _ in self._truth:
+            i = ours.get(id_)
+            ctx = rec.chunks[i].context if i is not None and rec.chunks[i].text == text else ""
+            rows.append((id_, embed_text(ctx, text)))
+        path = self.path / LEXICAL
+        return LexicalIndex.load(path if LEXICAL in self.manifest.files else None, rows)
 
     # -- search ------------------------------------------------------------------------------------------------
     @property
@@ -481,32 +517,55 @@ class Store:
                 "vectors; query it with the model that built it"
             )
 
-    def search(self, query: str | np.ndarray, k: int = 10, filter: Mapping[str, Any] | None = None) -> list[SearchHit]:
+    def search(self, query: str | np.ndarray, k: int = 10, filter: Mapping[str, Any] | None = None,
+               mode: str | None = None, vector: np.ndarray | None = None) -> list[SearchHit]:
         """The `k` rows closest to `query` (text, or a vector of the store's dim), best first; `filter` keeps rows
-        whose metadata equals each given value (dotted keys reach into nested metadata; a list means any of)."""
+        whose metadata equals each given value (dotted keys reach into nested metadata; a list means any of).
+
+        `mode`: `hybrid` (default for text: dense and BM25 rankings fused by reciprocal rank fusion, see
+        `woolocal_ingest.retrieval`), `dense` (cosine; the default for a query vector) or `lexical` (BM25).
+        `vector`: the text query's embedding when the caller already has it (the service embeds it itself).
+        Each hit's `score` is its mode's (higher is closer) and `scores` holds each ranking's own."""
+        text = isinstance(query, str)
+        mode = check_mode(mode, text)
         if k <= 0 or self.count == 0:
             return []
-        if isinstance(query, str):
-            vec = self.embedder.embed_query(query)
-        else:
-            vec = np.asarray(query, dtype=np.float32).reshape(-1)
-            if vec.shape[0] != self.dim:
-                raise DimensionMismatchError(f"{self.path}: query vector has {vec.shape[0]} dims, store has {self.dim}")
         rows = None
         if filter:
             rows = np.array([i for i, t in enumerate(self._truth) if _matches(t[2], filter)], dtype=np.int64)
             if rows.size == 0:
                 return []
-            k = min(k, int(rows.size))
-        k = min(k, self.count)
-        scores, labels = self.kind.search(self.index, np.asarray(vec, dtype=np.float32), k, rows)
-        hits = []
-        for score, row in zip(scores[0], labels[0]):
-            if row < 0:
-                continue
-            id_, text, meta = self._truth[row]
-            hits.append(SearchHit(id=id_, text=text, metadata=meta, score=float(score), row=int(row)))
-        return hits
+        if mode == "lexical":
+            return [self._hit(r, s, mode, lexical=s) for r, s in self.lexical.search(str(query), k, rows)]
+        if text:
+            vec = self.embedder.embed_query(query) if vector is None else vector
+        else:
+            vec = query
+        vec = np.asarray(vec, dtype=np.float32).reshape(-1)
+        if vec.shape[0] != self.dim:
+            raise DimensionMismatchError(f"{self.path}: query vector has {vec.shape[0]} dims, store has {self.dim}")
+        depth = k if mode == "dense" else max(k, FUSION_DEPTH)
+        dense = self._dense(vec, depth, rows)
+        if mode == "dense":
+            return [self._hit(r, s, mode, dense=s) for r, s in dense]
+        fused = fuse_rrf(dense, self.lexical.search(str(query), depth, rows), k)
+        out = []
+        for f in fused:
+            d = f.dense if f.dense is not None else float(self.index.reconstruct(int(f.row)) @ vec)
+            out.append(self._hit(f.row, f.score, mode, dense=d, lexical=f.lexical))
+        return out
+
+    def _dense(self, vec: np.ndarray, k: int, rows: np.ndarray | None) -> list[tuple[int, float]]:
+        k = min(k, self.count if rows is None else int(rows.size))
+        scores, labels = self.kind.search(self.index, vec, k, rows)
+        return [(int(r), float(s)) for s, r in zip(scores[0], labels[0]) if r >= 0]
+
+    def _hit(self, row: int, score: float, mode: str, dense: float | None = None,
+             lexical: float | None = None) -> SearchHit:
+        id_, text, meta = self._truth[row]
+        scores = {m: v for m, v in (("dense", dense), ("lexical", lexical)) if v is not None}
+        return SearchHit(id=id_, text=text, metadata=meta, score=float(score), row=int(row), mode=mode,
+                         scores=scores)
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, model={self.manifest.model_name!r}, dim={self.dim}, count={self.count})"
@@ -624,4 +683,6 @@ def verify_store(path: Path, expect_name: str | None = None) -> list[str]:
         if differ:
             problems.append(f"{DOCSTORE_JS}: {len(differ)} document(s) differ from {PARQUET} text or metadata "
                             f"(first: id {ids[differ[0]]})")
+    if LEXICAL in manifest.files:  # stores written before the lexical index get one in memory when searched
+        problems += check_lexical(path / LEXICAL, [(c.id, c.embed_text) for c in record.chunks])
     return problems

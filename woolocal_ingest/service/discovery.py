@@ -97,11 +97,11 @@ def find_service(stores_root: Path, timeout: float = 0.5) -> RunningService | No
     return svc
 
 
-def search(svc: RunningService, store: str, text: str, k: int, filter: dict | None = None,
+def search(svc: RunningService, store: str, text: str, k: int, filter: dict | None = None, mode: str = "hybrid",
            timeout: float = 30.0) -> dict:
     """POST /v1/stores/{store}/search; the service's reply (`data`: rank, id, text, metadata, score; `store`,
     `model`, `dim`, `count`). ServiceUnavailable on any failure."""
-    body = json.dumps({"query": text, "k": k, **({"filter": filter} if filter else {})}).encode()
+    body = json.dumps({"query": text, "k": k, "mode": mode, **({"filter": filter} if filter else {})}).encode()
     headers = {"Content-Type": "application/json"}
     key = os.environ.get(svc.api_key_env) if svc.api_key_env else None
     if key:

@@ -56,7 +56,7 @@ RAG_INSTRUCTIONS = (
     "brackets, like [1] or [2][3]. If the sources do not contain the answer, say that you do not know."
 )
 # Fields of a chat request that are ours; they are not forwarded upstream.
-_OUR_CHAT_FIELDS = ("store", "k", "filter", "extra_body")
+_OUR_CHAT_FIELDS = ("store", "k", "filter", "mode", "extra_body")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,6 +201,7 @@ def _load_once(path: Path) -> tuple[tuple, Store]:
         try:
             store = Store(base)
             check_dims(path, store.manifest, store.index.d)
+            store.lexical  # the BM25 index (and the rows' context it needs) from this same version, not lazily later
             after = _identity(path, fd)
         except (StoreError, FileNotFoundError) as e:
             if _path_identity(path) != before:
@@ -345,6 +346,18 @@ def _parse_k(value: Any, default: int) -> int:
     return value
 
 
+def _parse_mode(value: Any, text: bool) -> str:
+    """The request's `mode` (hybrid | dense | lexical; default hybrid for text, dense for a vector): Store.search's."""
+    from woolocal_ingest.retrieval import SearchModeError, check_mode
+
+    if value is not None and not isinstance(value, str):
+        raise APIError(400, f"mode must be a string (hybrid, dense or lexical), got {value!r}", param="mode")
+    try:
+        return check_mode(value, text)
+    except SearchModeError as e:
+        raise APIError(400, str(e), param="mode") from None
+
+
 def _parse_filter(value: Any) -> dict | None:
     if value is None:
         return None
@@ -440,9 +453,11 @@ async def _store_model(state: Any, sid: str, entry: _Entry) -> str:
 
 
 async def retrieve(request: Request, store_name: Any, *, query: str | None = None, vector: np.ndarray | None = None,
-                   k: int = 10, flt: Mapping[str, Any] | None = None, trusted: bool = False
+                   k: int = 10, flt: Mapping[str, Any] | None = None, trusted: bool = False, mode: str | None = None
                    ) -> tuple[str, _Entry, list[SearchHit]]:
-    """Resolve, open (cached) and search a store: text is embedded by the service with the store's own model."""
+    """Resolve, open (cached) and search a store: text is embedded by the service with the store's own model.
+    `mode` as Store.search takes it (hybrid for text by default)."""
+    mode = _parse_mode(mode, vector is None)
     state = _state(request)
     sid, entry = await open_cached(request, store_name, trusted=trusted)
     store = entry.store
@@ -454,11 +469,14 @@ async def retrieve(request: Request, store_name: Any, *, query: str | None = Non
         if norm == 0.0:
             raise APIError(400, "vector is all zeros", param="vector")
         vec = vector / norm
-    else:
+        hits = await run_in_threadpool(store.search, vec, k, flt, mode)
+        return sid, entry, hits
+    vec = None
+    if mode != "lexical":
         model = await _store_model(state, sid, entry)
         vecs = await state.embed(model, [query], query=True)
         vec = np.asarray(vecs, dtype=np.float32).reshape(-1)
-    hits = await run_in_threadpool(store.search, vec, k, flt)
+    hits = await run_in_threadpool(store.search, query, k, flt, mode, vec)
     return sid, entry, hits
 
 
@@ -477,7 +495,8 @@ def _version(manifest: Mapping[str, Any]) -> str | None:
 
 
 def _hit_dict(h: SearchHit, rank: int) -> dict:
-    return {"rank": rank, "id": h.id, "text": h.text, "metadata": h.metadata, "score": h.score}
+    return {"rank": rank, "id": h.id, "text": h.text, "metadata": h.metadata, "score": h.score, "mode": h.mode,
+            "scores": dict(h.scores)}
 
 
 def _store_info(sid: str, store: Store) -> dict:
@@ -604,8 +623,9 @@ async def store_search(store: str, request: Request) -> dict:
     k = _parse_k(body.get("k"), 10)
     flt = _parse_filter(body.get("filter"))
     t = time.perf_counter()
-    sid, entry, hits = await retrieve(request, store, query=query, vector=vector, k=k, flt=flt)
-    return {"object": "list", **_store_info(sid, entry.store), "query": query, "k": k,
+    mode = _parse_mode(body.get("mode"), vector is None)
+    sid, entry, hits = await retrieve(request, store, query=query, vector=vector, k=k, flt=flt, mode=mode)
+    return {"object": "list", **_store_info(sid, entry.store), "query": query, "k": k, "mode": mode,
             "data": [_hit_dict(h, i) for i, h in enumerate(hits, 1)],
             "took_ms": round((time.perf_counter() - t) * 1000, 2)}
 
@@ -651,9 +671,10 @@ async def rag_context(request: Request) -> dict:
     chat = _chat_cfg(request)
     k = _parse_k(body.get("k"), chat.k if chat is not None else 5)
     flt = _parse_filter(body.get("filter"))
-    sid, entry, hits = await retrieve(request, store, query=query, k=k, flt=flt, trusted=trusted)
+    mode = _parse_mode(body.get("mode"), True)
+    sid, entry, hits = await retrieve(request, store, query=query, k=k, flt=flt, trusted=trusted, mode=mode)
     out_messages = build_messages(messages, hits)
-    return {"object": "rag.context", **_store_info(sid, entry.store), "query": query, "k": k,
+    return {"object": "rag.context", **_store_info(sid, entry.store), "query": query, "k": k, "mode": mode,
             "chunks": [{"n": i, **_hit_dict(h, i)} for i, h in enumerate(hits, 1)],
             "sources": sources_of(hits),
             "prompt": build_prompt(query, hits),
@@ -744,7 +765,8 @@ async def chat_completions(request: Request):
         query = _text_of(messages[last_user_index(messages)].get("content"))
         k = _parse_k(body.get("k"), chat.k)
         flt = _parse_filter(body.get("filter"))
-        _, _, hits = await retrieve(request, store, query=query, k=k, flt=flt, trusted=trusted)
+        _, _, hits = await retrieve(request, store, query=query, k=k, flt=flt, trusted=trusted,
+                                    mode=_parse_mode(body.get("mode"), True))
         body = {**body, "messages": build_messages(messages, hits)}
     elif not isinstance(body.get("messages"), list) or not body.get("messages"):
         raise APIError(400, "messages must be a non-empty list", param="messages")
