@@ -102,6 +102,15 @@ class PurposeConfig(_Strict):
         return self
 
 
+def with_quantization(purpose: PurposeConfig, quantization: str, key: str = "--quantization") -> PurposeConfig:
+    """`purpose` with its quantization overridden (a CLI flag); a bad value or backend is a ConfigError naming `key`."""
+    try:
+        return PurposeConfig(**{**purpose.model_dump(), "quantization": quantization})
+    except ValidationError as e:
+        msg = "; ".join(err["msg"].removeprefix("Value error, ").removeprefix("quantization: ") for err in e.errors())
+        raise ConfigError(f"{key}.quantization: {msg}") from None
+
+
 class TaskRunnerConfig(_Strict):
     """Where the flow's tasks run: threads in this process, or a Dask cluster (a LocalCluster when no address)."""
 
@@ -376,6 +385,14 @@ def _format_errors(path: Path, err: ValidationError, data: Any) -> str:
         else:
             lines.append(f"  {_loc(tuple(loc))}: {msg}{got}")
     return "\n".join(lines)
+
+
+def quantized_config(cfg: FlowsConfig, quantization: str) -> FlowsConfig:
+    """`cfg` with every purpose at `quantization` (`woolocal serve --quantization`); purposes on a remote backend keep
+    theirs (their server decides), a backend that cannot run int8 is a ConfigError naming the purpose."""
+    purposes = {name: (p if p.backend == "openai-compatible" else with_quantization(p, quantization, f"purposes.{name}"))
+                for name, p in cfg.purposes.items()}
+    return cfg.model_copy(update={"purposes": purposes})
 
 
 def load_config(path: Path | str | None = None) -> FlowsConfig:

@@ -175,11 +175,15 @@ def check_gate_on_store(embedder: Embedder, target: Path) -> None:
 def ingest_params(cfg: "FlowsConfig", proj: "ProjectConfig", *, stores: str | Path | None = None,
                   model: str | None = None, backend: str | None = None, python_layout: bool | None = None,
                   rebuild: bool = False, no_cache: bool = False, ignore_files: bool | None = None,
-                  move: bool = False) -> dict:
+                  move: bool = False, quantization: str | None = None) -> dict:
     """The ingest flow's parameters for a project of flows.yaml (what `woolocal ingest` and a scheduled run send);
     the keyword arguments are the command line's overrides. Checks the purpose's `dimensions` against its model (an
     explicit `model` makes its own store and skips it)."""
     purpose = cfg.purpose(proj.purpose)
+    if quantization is not None:  # --quantization: the purpose's setting, overridden (and checked like it)
+        from woolocal_ingest.config import with_quantization
+
+        purpose = with_quantization(purpose, quantization, f"purposes.{proj.purpose}")
     chunking = cfg.chunking(proj)
     params = dict(
         project=proj.name, root=str(cfg.project_root(proj)),
@@ -515,8 +519,11 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
     summary.adoption = plan.adoption.to_dict()
     layout_changed = prev_manifest is not None and ("langchain-python" in prev_manifest.layouts) != plan.python_layout
     moved = prev_manifest is not None and prev_manifest.source_root != str(plan.root)
+    # a rebuild with other model files or another precision rewrites every vector even when no chunk changed
+    remodelled = prev_manifest is not None and any(
+        prev_manifest.model.get(k) != plan.model.get(k) for k in ("files_sha256", "quantization"))
     changed = (summary.added or summary.updated or summary.deleted or plan.previous is None or layout_changed
-               or moved or plan.adoption.outside or plan.adoption.restored or len(prev_chunks) != len(chunks))
+               or moved or remodelled or plan.adoption.outside or plan.adoption.restored or len(prev_chunks) != len(chunks))
     if changed:
         fingerprint = hashlib.sha256(json.dumps(sorted(file_sha.items())).encode()).hexdigest()
         manifest = {
