@@ -69,11 +69,13 @@ def machine_key() -> str:
                 break
     except OSError:
         pass
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = []
-    for mod in ("onnxruntime", "torch"):
+    for dist in ("onnxruntime", "torch"):  # from the installed metadata: importing torch costs seconds
         try:
-            versions.append(__import__(mod).__version__)
-        except Exception:
+            versions.append(version(dist))
+        except PackageNotFoundError:
             versions.append("-")
     raw = json.dumps([cpu, platform.machine(), available_cores(), *versions])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
