@@ -160,6 +160,16 @@ def test_quantization_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"purposes\.projects\.on_gate_failure: 'ignore' is not one of refuse, fp32"):
         load_config(cfg)
 
+    # `serve --quantization int8`: every local purpose at int8; one that cannot run it is named
+    from woolocal_ingest.config import quantized_config
+
+    cfg.write_text("purposes:\n  projects: {}\n  userProfile: {backend: onnx}\n")
+    q = quantized_config(load_config(cfg), "int8")
+    assert {p.quantization for p in q.purposes.values()} == {"int8"}
+    cfg.write_text("purposes:\n  projects: {}\n  userProfile: {backend: mlx}\n")
+    with pytest.raises(ConfigError, match=r"purposes\.userProfile\.quantization: int8 runs on the onnx backend"):
+        quantized_config(load_config(cfg), "int8")
+
 
 def test_auto_probe_is_cached_per_model_and_machine(int8_model, tmp_path, monkeypatch):
     from woolocal_ingest.embedders import pick_backend, probe

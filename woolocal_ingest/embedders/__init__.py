@@ -16,7 +16,8 @@ BACKENDS = ("auto", "sentence-transformers", "onnx", "mlx", "openai-compatible")
 LOCAL_BACKENDS = ("sentence-transformers", "onnx", "mlx")
 # Architectures torch.onnx.export handles through transformers' AutoModel here (BERT family, MPNet, XLM-R...).
 ONNX_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "camembert"}
-# Default local backend on CPUs without Metal, from bench/README.md (engine benchmark, 768 conda-docs chunks, 2 cores):
+# `auto` on a CPU without Metal runs the timed probe (embedders/probe.py). Without it (WOOLOCAL_PROBE=off, or no ONNX
+# Runtime) the static default below holds, from bench/README.md (engine benchmark, 768 conda-docs chunks, 2 cores):
 # token-budget batching gives sentence-transformers 40.95 chunks/s and ONNX Runtime 41.05 - a tie - while ONNX costs
 # a one-time export (~6 s, +90 MB for MiniLM). So torch stays the default; ONNX is one flag away.
 DEFAULT_CPU_BACKEND = "sentence-transformers"

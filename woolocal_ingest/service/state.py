@@ -47,7 +47,6 @@ class ModelSpec:
     backend: str = "auto"
     purpose: str | None = None
     purpose_cfg: PurposeConfig | None = None
-    quantization: str | None = None  # for a bare model name: None (float32) or "int8"
 
 
 @dataclass
@@ -105,8 +104,7 @@ def default_loader(spec: ModelSpec) -> Embedder:
     """Build the embedder a spec names (a purpose: its backend, endpoint and fallback) and load its weights."""
     from woolocal_ingest.embedders import embedder_for, load_embedder
 
-    cache_key = (spec.model, spec.backend, spec.purpose_cfg.model_dump_json() if spec.purpose_cfg else None,
-                 spec.quantization)
+    cache_key = (spec.model, spec.backend, spec.purpose_cfg.model_dump_json() if spec.purpose_cfg else None)
     with _shared_lock:
         emb = _shared.get(cache_key)
         if emb is not None:
@@ -114,7 +112,7 @@ def default_loader(spec: ModelSpec) -> Embedder:
         if spec.purpose_cfg is not None:
             emb = embedder_for(spec.purpose_cfg, spec.purpose or DEFAULT_PURPOSE)
         else:
-            emb = load_embedder(spec.model, backend=spec.backend, quantization=spec.quantization)
+            emb = load_embedder(spec.model, backend=spec.backend)
         ensure_ready = getattr(emb, "ensure_ready", None)
         if callable(ensure_ready):
             ensure_ready()
