@@ -25,7 +25,8 @@ def _log_summary(s: dict) -> None:
 
 @task(name="migrate-store", cache_policy=NO_CACHE, persist_result=False)
 def migrate_task(name_or_source: str, to: str | None, out: str | None, in_place: bool, dry_run: bool,
-                 backend: str | None, python_layout: bool | None, config_path: str | None) -> dict:
+                 backend: str | None, python_layout: bool | None, config_path: str | None,
+                 quantization: str | None = None) -> dict:
     """One migration: a declared one by name (when `to` is None), else `name_or_source` is a store folder."""
     config = load_config(config_path)
     if to is None:
@@ -38,7 +39,7 @@ def migrate_task(name_or_source: str, to: str | None, out: str | None, in_place:
     else:
         summary = migrate.migrate_store(Path(name_or_source), to, config=config, out=Path(out) if out else None,
                                         in_place=in_place, backend=backend, python_layout=python_layout,
-                                        dry_run=dry_run)
+                                        dry_run=dry_run, quantization=quantization)
     d = summary.to_dict()
     _log_summary(d)
     return d
@@ -55,10 +56,10 @@ def migrate_one_task(migration: dict, config_path: str | None, dry_run: bool) ->
 @flow(name="woolocal-migrate", validate_parameters=False, log_prints=False, persist_result=False)
 def migrate_flow(name_or_source: str, to: str | None = None, out: str | None = None, in_place: bool = False,
                  dry_run: bool = False, backend: str | None = None, python_layout: bool | None = None,
-                 config_path: str | None = None) -> dict:
+                 config_path: str | None = None, quantization: str | None = None) -> dict:
     """Migrate one store: a flows.yaml `migrations:` entry by name (`to` None), or the store folder
     `name_or_source` to `to` (a purpose or a model). Returns the summary; a failed migration fails the flow run."""
-    return migrate_task(name_or_source, to, out, in_place, dry_run, backend, python_layout, config_path)
+    return migrate_task(name_or_source, to, out, in_place, dry_run, backend, python_layout, config_path, quantization)
 
 
 @flow(name="woolocal-migrate-all", validate_parameters=False, log_prints=False, persist_result=False)

@@ -102,7 +102,8 @@ def _ingest(log, config_path: str, project: str) -> dict:
         pre = pre_plan(params["project"], Path(params["root"]), Path(params["stores_root"]), params["model"],
                        params["backend"], params["chunk_tokens"], params["overlap_tokens"], params["include"],
                        params["exclude"], params["python_layout"], params.get("rebuild", False),
-                       sources=SourceOptions.from_dict(params.get("sources")))
+                       sources=SourceOptions.from_dict(params.get("sources")),
+                       quantization=params["purpose"].get("quantization"))
         if pre.nothing_to_do:
             summary = pre.summary()
         else:

@@ -17,6 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/model_factory.
 # Offline, always: a test must never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `backend: auto` keeps the static CPU default in tests (no timed probe, no export into the packaged model's folder);
+# tests/test_quantize.py probes a copy of the model explicitly.
+os.environ.setdefault("WOOLOCAL_PROBE", "off")
 
 
 @pytest.fixture(scope="session", autouse=True)

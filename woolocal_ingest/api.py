@@ -19,19 +19,23 @@ if TYPE_CHECKING:
 __all__ = ["find_store", "open_store", "store_embedder"]
 
 
-def store_embedder(manifest: Manifest, path: Path) -> Callable[[], "Embedder"]:
-    """A function that loads the model a store's manifest names (its folder first, then its name), offline."""
+def store_embedder(manifest: Manifest, path: Path, quantization: str | None = None) -> Callable[[], "Embedder"]:
+    """A function that loads the model a store's manifest names (its folder first, then its name), offline, at the
+    store's precision: an int8 store is queried with the same int8 model, unless `quantization` says otherwise
+    ("none": float32, whose agreement with int8 `stores inspect` reports)."""
 
     def load() -> "Embedder":
         from woolocal_ingest.embedders import load_embedder
 
         model = manifest.model
+        quant = model.get("quantization") if quantization is None else quantization
+        quant = quant if quant == "int8" else None  # MLX bits are the MLX backend's own setting
         last: Exception | None = None
         for cand in (model.get("path"), model.get("name")):
             if not cand:
                 continue
             try:
-                return load_embedder(cand)
+                return load_embedder(cand, quantization=quant)
             except Exception as e:  # try the next way of naming it
                 last = e
         raise StoreError(f"{path}: cannot load the store's model {model.get('name')!r}: {last}")
@@ -73,12 +77,14 @@ def find_store(path_or_name: str | os.PathLike, stores_root: str | os.PathLike |
 
 
 def open_store(path_or_name: str | os.PathLike, stores_root: str | os.PathLike | None = None,
-               model: str | None = None, embedder: "Embedder | None" = None) -> Store:
+               model: str | None = None, embedder: "Embedder | None" = None,
+               quantization: str | None = None) -> Store:
     """Open a store for search (see `find_store` for what names one). Text queries are embedded with `embedder`,
-    or with the model the store's manifest names, loaded on the first text query."""
+    or with the model the store's manifest names, loaded on the first text query, at the store's precision
+    (`quantization="none"` queries an int8 store with float32)."""
     path = find_store(path_or_name, stores_root, model)
     if embedder is not None:
         return Store(path, embedder=embedder)
     from woolocal_ingest.manifest import read_manifest
 
-    return Store(path, embedder=store_embedder(read_manifest(path), path))
+    return Store(path, embedder=store_embedder(read_manifest(path), path, quantization))

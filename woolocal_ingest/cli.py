@@ -136,6 +136,8 @@ def _interrupted(what: str) -> "click.exceptions.Exit":
 @click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root (default from flows.yaml).")
 @click.option("--model", default=None, help="Model name or folder (default: the purpose's model in flows.yaml).")
 @click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "mlx"]), default=None)
+@click.option("--quantization", type=click.Choice(["none", "int8"]), default=None,
+              help="int8: ONNX Runtime int8, gated against fp32 on first use (default: the purpose's, none).")
 @click.option("--rebuild", is_flag=True, help="Re-embed everything (required when the model's files changed).")
 @click.option("--python-layout/--no-python-layout", default=None,
               help="Also write LangChain Python's index.faiss + index.pkl.")
@@ -149,8 +151,8 @@ def _interrupted(what: str) -> "click.exceptions.Exit":
 @click.option("-v", "--verbose", "names", is_flag=True, help="Name every ignored file (default: counts by rule).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.pass_obj
-def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no_prefect, no_cache, no_ignore_files,
-           dry_run, name, move, names, as_json):
+def ingest(obj: _Ctx, target, stores, model, backend, quantization, rebuild, python_layout, no_prefect, no_cache,
+           no_ignore_files, dry_run, name, move, names, as_json):
     """Ingest a project (declared in flows.yaml, or a folder) into its dimension-tagged store.
 
     Looks first (discover, hash, compare with the store) without Prefect or the model; only when there is work does
@@ -172,11 +174,13 @@ def ingest(obj: _Ctx, target, stores, model, backend, rebuild, python_layout, no
 
             params = ingest_mod.ingest_params(cfg, proj, stores=stores, model=model, backend=backend,
                                               python_layout=python_layout, rebuild=rebuild, no_cache=no_cache,
-                                              ignore_files=False if no_ignore_files else None, move=move)
+                                              ignore_files=False if no_ignore_files else None, move=move,
+                                              quantization=quantization)
             pre = pre_plan(params["project"], Path(params["root"]), Path(params["stores_root"]), params["model"],
                            params["backend"], params["chunk_tokens"], params["overlap_tokens"], params["include"],
                            params["exclude"], params["python_layout"], rebuild,
-                           sources=SourceOptions.from_dict(params.get("sources")))
+                           sources=SourceOptions.from_dict(params.get("sources")),
+                           quantization=params["purpose"].get("quantization"))
             timings["preplan"] = round(time.perf_counter() - t0, 3)
             click.echo(pre.headline(), err=True)
             if pre.nothing_to_do:
@@ -392,18 +396,21 @@ def _print_ingest_summary(s: dict, names: bool = False) -> None:
               help="Every migration in flows.yaml, else every store under wooster.root.")
 @click.option("--rollback", is_flag=True, help="Restore SRC from its newest backup (after --in-place).")
 @click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "mlx"]), default=None)
+@click.option("--quantization", type=click.Choice(["none", "int8"]), default=None,
+              help="int8: ONNX Runtime int8, gated against fp32 on first use (default: the purpose's, none).")
 @click.option("--python-layout/--no-python-layout", default=None,
               help="Also write LangChain Python's index.faiss + index.pkl (default: yes for a Python source).")
 @click.option("--no-prefect", is_flag=True, help="Run in-process, without the Prefect flow.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.pass_obj
-def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback, backend, python_layout, no_prefect,
-            as_json):
+def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback, backend, quantization, python_layout,
+            no_prefect, as_json):
     """Re-embed a LangChain JS/Python store or a woolocal store (SRC) with a local model, or run a migration
     declared in flows.yaml by NAME. Resumable after a kill; verified before it replaces anything."""
     from woolocal_ingest import migrate as mig
 
     given = [f for f, v in (("--to", to), ("--out", out), ("--in-place", in_place), ("--backend", backend),
+                            ("--quantization", quantization),
                             ("--python-layout", python_layout is not None)) if v]
     if rollback and (all_stores or dry_run or given or not source):
         raise click.UsageError("--rollback takes SRC alone: woolocal migrate --rollback SRC")
@@ -441,12 +448,12 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
                 from woolocal_ingest.legacy import detect_format
 
                 detect_format(source)
-                mig.resolve_embedder(to, cfg, backend)  # cached: the flow's task reuses it
+                mig.resolve_embedder(to, cfg, backend, quantization)  # cached: the flow's task reuses it
                 # Look first: a target that already holds this migration needs neither Prefect nor the model. The
                 # dry run reads and compares only; the real call then answers `unchanged` (under the target's lock).
                 look = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
                                          in_place=in_place, backend=backend, python_layout=python_layout,
-                                         dry_run=True)
+                                         dry_run=True, quantization=quantization)
                 if (look.plan or {}).get("action") == "unchanged":
                     use_flow = False
             if use_flow:  # our own API server (ends with this process), or the one PREFECT_API_URL names
@@ -465,13 +472,14 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
                 with runtime.settings():
                     results = run_migrate_flow(dict(name_or_source=source, to=to if declared is None else None,
                                                     out=out, in_place=in_place, dry_run=dry_run, backend=backend,
-                                                    python_layout=python_layout, config_path=obj.config_path))
+                                                    python_layout=python_layout, config_path=obj.config_path,
+                                                    quantization=quantization))
             elif declared is not None:
                 results = mig.run_declared_migration(declared, cfg, dry_run=dry_run).to_dict()
             else:
                 results = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
                                             in_place=in_place, backend=backend, python_layout=python_layout,
-                                            dry_run=dry_run).to_dict()
+                                            dry_run=dry_run, quantization=quantization).to_dict()
     except KeyboardInterrupt:
         bar.close()
         raise _interrupted("the migration stopped; run it again to resume (nothing was replaced)")
@@ -643,14 +651,16 @@ def eval_(obj: _Ctx, args, modes, split, stores, write_corpus, as_json):
 @click.option("--model", default=None, help="Model name or folder (default: the embedded default).")
 @click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "mlx"]), default="auto")
 @click.option("--query", "as_query", is_flag=True, help="Embed as queries (apply the model's query prefix).")
+@click.option("--quantization", type=click.Choice(["none", "int8"]), default=None,
+              help="int8: ONNX Runtime int8, gated against fp32 on first use (default: the purpose's, none).")
 @click.option("--json", "as_json", is_flag=True)
-def embed(model, backend, as_query, as_json):
+def embed(model, backend, as_query, quantization, as_json):
     """Embed texts read from stdin, one per line; prints vectors (one JSON array per line, or one JSON object)."""
     from woolocal_ingest.embedders import load_embedder
 
     texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
-        emb = load_embedder(model, backend=backend)
+        emb = load_embedder(model, backend=backend, quantization=quantization)
         if as_query:
             import numpy as np
 
@@ -680,8 +690,10 @@ def embed(model, backend, as_query, as_json):
               help="flows.yaml to use (same as the top-level --config).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
+@click.option("--quantization", type=click.Choice(["none", "int8"]), default=None,
+              help="int8: ONNX Runtime int8, gated against fp32 on first use (default: the purpose's, none).")
 @click.pass_obj
-def serve(obj: _Ctx, host, port, stores, config_path, log_level):
+def serve(obj: _Ctx, host, port, stores, config_path, log_level, quantization):
     """Serve embeddings (OpenAI-compatible), store search and chat RAG over HTTP."""
     from woolocal_ingest.embedders.openai_compat import is_loopback_host
 
@@ -689,6 +701,10 @@ def serve(obj: _Ctx, host, port, stores, config_path, log_level):
         if config_path:
             obj.config_path, obj._config = config_path, None
         cfg = obj.config
+        if quantization is not None:  # every served purpose (and bare model) embeds at this precision
+            from woolocal_ingest.config import quantized_config
+
+            cfg = quantized_config(cfg, quantization)
         host = host or cfg.service.host
         port = port or cfg.service.port
         env = cfg.service.api_key_env
@@ -816,6 +832,15 @@ def stores_inspect(obj: _Ctx, store, stores_dir, as_json):
                f"{len(src.get('files', {}))} files in {src.get('root')}\n  chunking {m.get('chunking')}\n  created  "
                f"{m.get('created')}\n  layouts  {', '.join(m.get('layouts', []))}\n  files    "
                + ", ".join(f"{k} ({(path / k).stat().st_size} B)" for k in m.get("files", {}) if (path / k).exists()))
+    gate = model.get("quantization_gate")
+    if model.get("quantization") or gate:
+        line = f"  precision {model.get('quantization') or 'fp32'}"
+        if gate:
+            line += (f"; int8 vs fp32: mean cosine {gate.get('mean_cos')}, min {gate.get('min_cos')}, top-10 "
+                     f"agreement {gate.get('top10_agreement')} on {gate.get('texts')} calibration + "
+                     f"{gate.get('store_texts')} store texts ({'passed' if gate.get('passed') else 'FAILED'}"
+                     f"{', fell back to fp32' if gate.get('fell_back') else ''})")
+        click.echo(line)
 
 
 @stores.command("verify")

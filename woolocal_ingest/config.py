@@ -69,6 +69,27 @@ class PurposeConfig(_Strict):
     # Wooster's key: may text leave this machine for a fallback? Off = privacy-first, no connection is attempted
     # to any endpoint that is not on loopback.
     fallbackToCloud: bool = False
+    # int8 (ONNX Runtime dynamic quantization, gated against float32 on first use) or none (float32 weights)
+    quantization: str = "none"
+    on_gate_failure: str = Field(default="refuse", description="when int8 fails the accuracy gate: refuse | fp32")
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_quantization(cls, v: str) -> str:
+        from woolocal_ingest.embedders.quantize import QUANTIZATIONS
+
+        if str(v).lower() not in QUANTIZATIONS:
+            raise ValueError(f"{v!r} is not one of {', '.join(QUANTIZATIONS)}")
+        return str(v).lower()
+
+    @field_validator("on_gate_failure")
+    @classmethod
+    def _known_gate_failure(cls, v: str) -> str:
+        from woolocal_ingest.embedders.quantize import ON_GATE_FAILURE
+
+        if v not in ON_GATE_FAILURE:
+            raise ValueError(f"{v!r} is not one of {', '.join(ON_GATE_FAILURE)}")
+        return v
 
     @model_validator(mode="after")
     def _endpoint_when_remote(self) -> "PurposeConfig":
@@ -76,7 +97,18 @@ class PurposeConfig(_Strict):
             raise ValueError("endpoint: required when backend is openai-compatible (urls: [http://...])")
         if self.fallback and self.fallback.backend == "openai-compatible" and self.fallback.endpoint is None:
             raise ValueError("fallback.endpoint: required when fallback.backend is openai-compatible")
+        if self.quantization == "int8" and self.backend not in ("auto", "onnx"):
+            raise ValueError(f"quantization: int8 runs on the onnx backend (or auto), not backend {self.backend!r}")
         return self
+
+
+def with_quantization(purpose: PurposeConfig, quantization: str, key: str = "--quantization") -> PurposeConfig:
+    """`purpose` with its quantization overridden (a CLI flag); a bad value or backend is a ConfigError naming `key`."""
+    try:
+        return PurposeConfig(**{**purpose.model_dump(), "quantization": quantization})
+    except ValidationError as e:
+        msg = "; ".join(err["msg"].removeprefix("Value error, ").removeprefix("quantization: ") for err in e.errors())
+        raise ConfigError(f"{key}.quantization: {msg}") from None
 
 
 class TaskRunnerConfig(_Strict):
@@ -395,6 +427,14 @@ def _format_errors(path: Path, err: ValidationError, data: Any) -> str:
         else:
             lines.append(f"  {_loc(tuple(loc))}: {msg}{got}")
     return "\n".join(lines)
+
+
+def quantized_config(cfg: FlowsConfig, quantization: str) -> FlowsConfig:
+    """`cfg` with every purpose at `quantization` (`woolocal serve --quantization`); purposes on a remote backend keep
+    theirs (their server decides), a backend that cannot run int8 is a ConfigError naming the purpose."""
+    purposes = {name: (p if p.backend == "openai-compatible" else with_quantization(p, quantization, f"purposes.{name}"))
+                for name, p in cfg.purposes.items()}
+    return cfg.model_copy(update={"purposes": purposes})
 
 
 def load_config(path: Path | str | None = None) -> FlowsConfig:

@@ -146,19 +146,51 @@ class IngestSummary:
 
 def _model_manifest(embedder: Embedder) -> dict:
     info = embedder.info
+    if getattr(embedder, "quantization", None) == "int8" and callable(getattr(embedder, "load", None)):
+        embedder.load()  # int8 is what it is only once gated (a failed gate may fall back to fp32)
     quant = getattr(embedder, "quantization", None)
-    return {**info.to_manifest(), "backend": embedder.backend, "files_sha256": info.files_sha256(),
-            "quantization": str(quant) if quant else None}
+    out = {**info.to_manifest(), "backend": embedder.backend, "files_sha256": info.files_sha256(),
+           "quantization": str(quant) if quant else None}
+    report = getattr(embedder, "gate_report", None)
+    if report is not None:  # int8: how close it came to float32 (or that it failed and float32 was used)
+        out["quantization_gate"] = report.to_dict()
+    return out
+
+
+def precision(quantization: str | None) -> str:
+    """How a manifest's `quantization` reads in messages: int8, 4 (MLX bits) or fp32."""
+    return str(quantization) if quantization else "fp32"
+
+
+def check_gate_on_store(embedder: Embedder, target: Path) -> None:
+    """An int8 embedder about to write into an existing store is gated on that store's own texts too (a sample)."""
+    check = getattr(embedder, "check_sample", None)
+    if not callable(check) or getattr(embedder, "quantization", None) != "int8":
+        return
+    parquet = Path(target) / "chunks.parquet"
+    if not parquet.is_file():
+        return
+    try:
+        import pyarrow.parquet as pq
+
+        texts = pq.read_table(parquet, columns=["text"]).column("text").to_pylist()
+    except Exception:  # an unreadable record is reported by the store checks, not here
+        return
+    check(texts)
 
 
 def ingest_params(cfg: "FlowsConfig", proj: "ProjectConfig", *, stores: str | Path | None = None,
                   model: str | None = None, backend: str | None = None, python_layout: bool | None = None,
                   rebuild: bool = False, no_cache: bool = False, ignore_files: bool | None = None,
-                  move: bool = False) -> dict:
+                  move: bool = False, quantization: str | None = None) -> dict:
     """The ingest flow's parameters for a project of flows.yaml (what `woolocal ingest` and a scheduled run send);
     the keyword arguments are the command line's overrides. Checks the purpose's `dimensions` against its model (an
     explicit `model` makes its own store and skips it)."""
     purpose = cfg.purpose(proj.purpose)
+    if quantization is not None:  # --quantization: the purpose's setting, overridden (and checked like it)
+        from woolocal_ingest.config import with_quantization
+
+        purpose = with_quantization(purpose, quantization, f"purposes.{proj.purpose}")
     chunking = cfg.chunking(proj)
     params = dict(
         project=proj.name, root=str(cfg.project_root(proj)),
@@ -241,9 +273,20 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
                     f"{target.name}.bak-<UTC time> beside it") from None
             unreadable = str(e)
     if current is not None:
+        if current.manifest.model.get("quantization") == model["quantization"] == "int8":
+            check_gate_on_store(embedder, target)  # gate on the store's own texts (may fall back to fp32)
+            model = _model_manifest(embedder)
         previous = str(target)
         prev_files = current.manifest.source_files
         prev_model = current.manifest.model
+        if (prev_model.get("files_sha256") == model["files_sha256"] and not rebuild
+                and prev_model.get("quantization") != model["quantization"]):
+            raise ModelChangedError(
+                f"{target}: holds {precision(prev_model.get('quantization'))} vectors of {embedder.model_name}, and "
+                f"this run would add {precision(model['quantization'])} vectors: a store never mixes precisions. "
+                f"Re-embed the whole store as {precision(model['quantization'])} with --rebuild, or run with "
+                f"--quantization {prev_model.get('quantization') or 'none'} to keep it "
+                f"{precision(prev_model.get('quantization'))}.")
         reuse = (prev_model.get("files_sha256"), prev_model.get("quantization")) == (
             model["files_sha256"], model["quantization"])
         if not reuse and not rebuild:
@@ -468,8 +511,11 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
     summary.adoption = plan.adoption.to_dict()
     layout_changed = prev_manifest is not None and ("langchain-python" in prev_manifest.layouts) != plan.python_layout
     moved = prev_manifest is not None and prev_manifest.source_root != str(plan.root)
+    # a rebuild with other model files or another precision rewrites every vector even when no chunk changed
+    remodelled = prev_manifest is not None and any(
+        prev_manifest.model.get(k) != plan.model.get(k) for k in ("files_sha256", "quantization"))
     changed = (summary.added or summary.updated or summary.deleted or plan.previous is None or layout_changed
-               or moved or plan.adoption.outside or plan.adoption.restored or len(prev_chunks) != len(chunks))
+               or moved or remodelled or plan.adoption.outside or plan.adoption.restored or len(prev_chunks) != len(chunks))
     if changed:
         fingerprint = hashlib.sha256(json.dumps(sorted(file_sha.items())).encode()).hexdigest()
         manifest = {

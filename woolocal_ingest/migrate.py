@@ -194,27 +194,30 @@ def _problem_counts(problems: Sequence[dict | Problem]) -> dict[str, int]:
 _EMBEDDERS: dict[tuple, Any] = {}  # one embedder per (target, backend, purpose settings) per process
 
 
-def resolve_embedder(to: str, config: "FlowsConfig", backend: str | None = None) -> "Embedder":
-    """The embedder `to` names: a purpose of flows.yaml (its model, backend, batch settings and fallback; its
-    `dimensions` checked), else a model name or folder (the registry's resolution, default batch settings)."""
+def resolve_embedder(to: str, config: "FlowsConfig", backend: str | None = None,
+                     quantization: str | None = None) -> "Embedder":
+    """The embedder `to` names: a purpose of flows.yaml (its model, backend, quantization, batch settings and
+    fallback; its `dimensions` checked), else a model name or folder (the registry's resolution, default batch
+    settings). `quantization` ("int8" or "none") overrides the purpose's."""
     from woolocal_ingest.config import PurposeConfig
     from woolocal_ingest.embedders import embedder_for
     from woolocal_ingest.errors import ConfigError
 
     if to in config.purposes:
         purpose = config.purposes[to]
-        key = ("purpose", to, purpose.model_dump_json(), backend)
+        key = ("purpose", to, purpose.model_dump_json(), backend, quantization)
         if key not in _EMBEDDERS:
-            emb = embedder_for(purpose, to, backend=backend)
+            emb = embedder_for(purpose, to, backend=backend, quantization=quantization)
             if purpose.dimensions is not None and emb.dim != purpose.dimensions:
                 raise ConfigError(f"purposes.{to}.dimensions is {purpose.dimensions} but model {emb.model_name} makes "
                                   f"{emb.dim}-dim vectors")
             _EMBEDDERS[key] = emb
         return _EMBEDDERS[key]
-    key = ("model", to, backend)
+    key = ("model", to, backend, quantization)
     if key not in _EMBEDDERS:
         try:
-            _EMBEDDERS[key] = embedder_for(PurposeConfig(), "migrate", model=to, backend=backend)
+            _EMBEDDERS[key] = embedder_for(PurposeConfig(), "migrate", model=to, backend=backend,
+                                           quantization=quantization)
         except ModelNotFoundError as e:
             raise ModelNotFoundError(f"--to {to!r} is neither a purpose of flows.yaml (declared: "
                                      f"{', '.join(sorted(config.purposes)) or 'none'}) nor a model available offline: "
@@ -880,7 +883,8 @@ def migrate_store(source: Path, to: str, **kwargs: Any) -> MigrationSummary:
 def _migrate_once(source: Path, to: str, *, config: "FlowsConfig", out: Path | None = None, in_place: bool = False,
                   backend: str | None = None, python_layout: bool | None = None, dry_run: bool = False,
                   progress: ProgressFn | None = None, project: str | None = None,
-                  embedder: "Embedder | None" = None, name: str | None = None) -> MigrationSummary:
+                  embedder: "Embedder | None" = None, name: str | None = None,
+                  quantization: str | None = None) -> MigrationSummary:
     """Migrate one store once. Raises on failure (`MigrationError` and the library's other errors; exit codes on
     them); returns a summary with status `migrated`, `unchanged` or (dry run) `planned`.
 
@@ -893,7 +897,7 @@ def _migrate_once(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
     source = Path(source).expanduser().resolve()
     if in_place and out is not None:
         raise MigrationInputError("give either an out folder or in_place, not both")
-    emb = embedder if embedder is not None else resolve_embedder(to, config, backend)
+    emb = embedder if embedder is not None else resolve_embedder(to, config, backend, quantization)
     if hasattr(emb, "ensure_ready"):
         emb.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
     if in_place:

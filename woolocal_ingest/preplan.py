@@ -123,7 +123,8 @@ def model_files_sha256(info) -> str:
 
 def pre_plan(project: str, root: Path, stores_root: Path, model: str | None, backend: str, chunk_tokens: int,
              overlap_tokens: int, include: Sequence[str], exclude: Sequence[str], python_layout: bool = False,
-             rebuild: bool = False, sources: SourceOptions | None = None) -> PrePlan:
+             rebuild: bool = False, sources: SourceOptions | None = None,
+             quantization: str | None = None) -> PrePlan:
     """Discover, hash and compare with the target store's manifest; see the module docstring."""
     from woolocal_ingest.chunking import ChunkSettings, chunking_record, effective_settings
     from woolocal_ingest.embedders import TokenCounter, pick_backend, resolve_model
@@ -140,7 +141,7 @@ def pre_plan(project: str, root: Path, stores_root: Path, model: str | None, bac
         pre.work = "--rebuild"
         return pre
     info = resolve_model(model)
-    choice = pick_backend(info, backend)
+    choice = pick_backend(info, backend, quantization)
     pre.store = store_dir(Path(stores_root), project, info.slug, info.dim)
     if choice.backend not in ("sentence-transformers", "onnx", "mlx"):
         pre.work = f"backend {choice.backend}: the full run decides"
@@ -162,7 +163,8 @@ def pre_plan(project: str, root: Path, stores_root: Path, model: str | None, bac
         pre.work = f"the store records another source folder ({manifest.source_root}): the full run decides"
         return pre
     prev_model = manifest.get("model", {})
-    if (prev_model.get("files_sha256"), prev_model.get("quantization")) != (model_files_sha256(info), None):
+    if (prev_model.get("files_sha256"), prev_model.get("quantization")) != (model_files_sha256(info),
+                                                                            choice.quantization):
         pre.work = "the model's files differ from the store's"
         return pre
     eff = effective_settings(ChunkSettings(chunk_tokens, overlap_tokens), TokenCounter(info), info.max_tokens)

@@ -16,7 +16,8 @@ BACKENDS = ("auto", "sentence-transformers", "onnx", "mlx", "openai-compatible")
 LOCAL_BACKENDS = ("sentence-transformers", "onnx", "mlx")
 # Architectures torch.onnx.export handles through transformers' AutoModel here (BERT family, MPNet, XLM-R...).
 ONNX_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "camembert"}
-# Default local backend on CPUs without Metal, from bench/README.md (engine benchmark, 768 conda-docs chunks, 2 cores):
+# `auto` on a CPU without Metal runs the timed probe (embedders/probe.py). Without it (WOOLOCAL_PROBE=off, or no ONNX
+# Runtime) the static default below holds, from bench/README.md (engine benchmark, 768 conda-docs chunks, 2 cores):
 # token-budget batching gives sentence-transformers 40.95 chunks/s and ONNX Runtime 41.05 - a tie - while ONNX costs
 # a one-time export (~6 s, +90 MB for MiniLM). So torch stays the default; ONNX is one flag away.
 DEFAULT_CPU_BACKEND = "sentence-transformers"
@@ -29,6 +30,7 @@ class BackendChoice:
 
     backend: str
     reason: str
+    quantization: str | None = None  # "int8", or None: float32
 
 
 def _apple_metal() -> bool:
@@ -68,35 +70,56 @@ def backends_for(info: ModelInfo) -> list[str]:
     return out
 
 
-def pick_backend(info: ModelInfo, requested: str = "auto") -> BackendChoice:
-    """Resolve `auto`: MLX on Apple Silicon with Metal (when mlx-embeddings has the architecture), else the
-    measured CPU default. An explicit backend is returned as asked (its own loader refuses what it cannot run)."""
+def pick_backend(info: ModelInfo, requested: str = "auto", quantization: str | None = None) -> BackendChoice:
+    """Resolve `auto`: MLX on Apple Silicon with Metal (when mlx-embeddings has the architecture), else - on a CPU -
+    the fastest backend a timed probe measured on this machine (cached; `embedders.probe`; int8 is a candidate only
+    when `quantization` allows it), else the measured CPU default. An explicit backend is returned as asked (its
+    own loader refuses what it cannot run). The choice carries `quantization` (None: float32)."""
+    from woolocal_ingest.embedders.quantize import parse_quantization
+
     if requested not in BACKENDS:
         raise ConfigError(f"backend {requested!r} is not one of {', '.join(BACKENDS)}")
+    quant = parse_quantization(quantization)
+    if quant == "int8" and requested not in ("auto", "onnx"):
+        raise ConfigError(f"quantization int8 runs on the onnx backend (or auto), not backend {requested!r}")
     if requested != "auto":
-        return BackendChoice(requested, "configured")
+        return BackendChoice(requested, "configured", quant)
     if _apple_metal():
         if _mlx_ok(info):
             return BackendChoice("mlx", "Apple Silicon with Metal")
         return BackendChoice("sentence-transformers",
                              f"mlx-embeddings cannot run model type {info.model_type!r}: routed to sentence-transformers")
+    if _onnx_ok(info):
+        from woolocal_ingest.embedders.probe import probe_enabled, probed_choice
+
+        if probe_enabled():
+            return probed_choice(info, allow_int8=quant == "int8")
+    if quant == "int8":
+        if not _onnx_ok(info):
+            raise ConfigError(f"quantization int8 needs the onnx backend, which cannot run model {info.name} here "
+                              "(onnxruntime, onnx and torch installed; a BERT-family model)")
+        return BackendChoice("onnx", "auto with quantization int8: ONNX Runtime int8", quant)
     if DEFAULT_CPU_BACKEND == "onnx" and _onnx_ok(info):
         return BackendChoice("onnx", DEFAULT_CPU_REASON)
     return BackendChoice("sentence-transformers", "auto, no Metal here; " + DEFAULT_CPU_REASON)
 
 
 def load_embedder(model: str | None = None, backend: str = "auto", batch_size: int = 32,
-                  token_budget: int | None = None) -> Embedder:
-    """A local embedder for `model` (a name or folder; None = the default) on `backend` (`auto` picks)."""
+                  token_budget: int | None = None, quantization: str | None = None,
+                  on_gate_failure: str = "refuse") -> Embedder:
+    """A local embedder for `model` (a name or folder; None = the default) on `backend` (`auto` picks).
+    `quantization`: None/"none" (float32) or "int8" (ONNX Runtime, gated against float32: `embedders.quantize`);
+    `on_gate_failure`: "refuse" or "fp32"."""
     info = resolve_model(model)
-    choice = pick_backend(info, backend)
+    choice = pick_backend(info, backend, quantization)
     if choice.backend == "openai-compatible":
         raise ConfigError("backend openai-compatible needs an endpoint: use embedder_for_purpose() with flows.yaml")
     emb: Embedder
     if choice.backend == "onnx":
         from woolocal_ingest.embedders.onnx import OnnxEmbedder
 
-        emb = OnnxEmbedder(info, token_budget=token_budget, max_batch=batch_size)
+        emb = OnnxEmbedder(info, token_budget=token_budget, max_batch=batch_size, quantization=choice.quantization,
+                           on_gate_failure=on_gate_failure)
     elif choice.backend == "mlx":
         from woolocal_ingest.embedders.mlx import MLXEmbedder
 
@@ -109,16 +132,21 @@ def load_embedder(model: str | None = None, backend: str = "auto", batch_size: i
     return emb
 
 
-def embedder_for(purpose, name: str = "projects", model: str | None = None, backend: str | None = None) -> Embedder:
-    """The embedder a purpose of flows.yaml configures (its backend, endpoint and fallback); an explicit `model` or
-    `backend` (CLI flags) overrides it with a plain local embedder."""
-    if model is not None or backend is not None:
+def embedder_for(purpose, name: str = "projects", model: str | None = None, backend: str | None = None,
+                 quantization: str | None = None) -> Embedder:
+    """The embedder a purpose of flows.yaml configures (its backend, quantization, endpoint and fallback); an
+    explicit `model`, `backend` or `quantization` (CLI flags) overrides it with a plain local embedder."""
+    quant = quantization if quantization is not None else purpose.quantization
+    if model is not None or backend is not None or quantization is not None:
         return load_embedder(model or purpose.model, backend=backend or purpose.backend,
-                             batch_size=purpose.batch_size, token_budget=purpose.token_budget)
+                             batch_size=purpose.batch_size, token_budget=purpose.token_budget, quantization=quant,
+                             on_gate_failure=purpose.on_gate_failure)
     from woolocal_ingest.embedders.fallback import embedder_for_purpose
 
     def load_local(m, b, p):
-        return load_embedder(m, backend=b, batch_size=p.batch_size, token_budget=p.token_budget)
+        q = p.quantization if b in ("auto", "onnx") else None  # a fallback backend that has no int8 runs float32
+        return load_embedder(m, backend=b, batch_size=p.batch_size, token_budget=p.token_budget,
+                             quantization=q, on_gate_failure=p.on_gate_failure)
 
     return embedder_for_purpose(purpose, name, load_local=load_local)
 

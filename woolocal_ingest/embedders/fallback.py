@@ -247,7 +247,9 @@ class FallbackEmbedder:
 def _default_load_local(model: str | None, backend: str, purpose: PurposeConfig) -> Embedder:
     from woolocal_ingest.embedders import load_embedder
 
-    return load_embedder(model, backend=backend, batch_size=purpose.batch_size)
+    quant = purpose.quantization if backend in ("auto", "onnx") else None  # int8 runs on ONNX Runtime only
+    return load_embedder(model, backend=backend, batch_size=purpose.batch_size, quantization=quant,
+                         on_gate_failure=purpose.on_gate_failure)
 
 
 def build_embedder(

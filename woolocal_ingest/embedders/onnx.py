@@ -11,6 +11,13 @@ folder cannot be written (site-packages owned by another user, a read-only mount
 renamed into place, under an exclusive lock on `<sha16>/.lock`: a killed export leaves at most a temp file (never
 read, removed by the next exporter), and a second process waits for the first and then loads its file. A cached
 file that ONNX Runtime cannot load is exported again.
+
+int8 (`quantization="int8"`): the export is quantized once by `quantize.quantize_int8` into
+`<sha16>/model.int8-<settings key>.onnx` beside it (same lock, temp file and rename), so other model files or other
+quantization settings never reuse it. On first use the int8 model must pass the accuracy gate against the float32
+export (`quantize.gate`); the packaged calibration figures are cached in `model.int8-<key>.gate.json` (keyed by the
+calibration texts too), a store's own sample is gated by `check_sample`. A failed gate raises QuantizationGateError,
+or falls back to float32 with `on_gate_failure="fp32"` (then `quantization` is None and `gate_report.fell_back`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import numpy as np
 
 from woolocal_ingest.embedders.base import TransformerEmbedder
 from woolocal_ingest.embedders.registry import ModelInfo
+from woolocal_ingest.errors import ConfigError
 from woolocal_ingest.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -148,11 +156,12 @@ def _locked(folder: Path):
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def write_export_atomically(model_dir: Path, folder: Path, exporter=export_onnx) -> Path:
-    """Export into a temp file in `folder`, fsync it, rename it to `folder/model.onnx`. Returns the final path."""
+def write_export_atomically(model_dir: Path, folder: Path, exporter=export_onnx, filename: str = MODEL_FILENAME) -> Path:
+    """Export into a temp file in `folder`, fsync it, rename it to `folder/<filename>`. Returns the final path.
+    `exporter(src, dest)` writes the file (the ONNX export of a model folder, or the int8 model of an export)."""
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / MODEL_FILENAME
-    tmp = folder / f".{MODEL_FILENAME}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    final = folder / filename
+    tmp = folder / f".{filename}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
     try:
         exporter(model_dir, tmp)
         with open(tmp, "rb+") as fh:
@@ -171,10 +180,21 @@ class OnnxEmbedder(TransformerEmbedder):
     backend = "onnx"
 
     def __init__(self, info: ModelInfo, token_budget: int | None = None, max_batch: int | None = None,
-                 threads: int | None = None, writable=None, exporter=None):
+                 threads: int | None = None, writable=None, exporter=None, quantization: str | None = None,
+                 on_gate_failure: str = "refuse"):
         """`threads`: intra-op threads (default: the cores this process may use). `writable(path) -> bool` and
-        `exporter(model_dir, dest)` replace `dir_writable` and `export_onnx` (tests, tools)."""
+        `exporter(model_dir, dest)` replace `dir_writable` and `export_onnx` (tests, tools). `quantization`: None
+        (float32) or "int8"; `on_gate_failure`: "refuse" (raise QuantizationGateError) or "fp32" (fall back)."""
+        from woolocal_ingest.embedders.quantize import ON_GATE_FAILURE, parse_quantization
+
         super().__init__(info, token_budget=token_budget, max_batch=max_batch)
+        self.quantization = parse_quantization(quantization)
+        if on_gate_failure not in ON_GATE_FAILURE:
+            raise ConfigError(f"on_gate_failure: {on_gate_failure!r} is not one of {', '.join(ON_GATE_FAILURE)}")
+        self.on_gate_failure = on_gate_failure
+        self.gate_report = None  # quantize.GateReport once an int8 model was gated
+        self.quantized_path: Path | None = None
+        self._fp32_session = None
         self.threads = threads or available_cores()
         self._writable = writable or dir_writable
         self._exporter = exporter or export_onnx
@@ -243,7 +263,12 @@ class OnnxEmbedder(TransformerEmbedder):
         if self._session is None:
             with self._init_lock:
                 if self._session is None:
-                    self._session = self._load_or_export()
+                    sess = self._load_or_export()
+                    if self.quantization == "int8":
+                        self._fp32_session = sess
+                        sess = self._load_int8()
+                        self._fp32_session = None  # float32 is needed again only to gate a store's sample
+                    self._session = sess
         return self._session
 
     @cached_property
@@ -259,3 +284,110 @@ class OnnxEmbedder(TransformerEmbedder):
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         feed = {n: np.ascontiguousarray(given[n], dtype=np.int64) for n in self.input_names}
         return self.session.run([OUTPUT_NAME], feed)[0]
+
+    # -- int8 ----------------------------------------------------------------------------------------------------
+
+    def _quantize_into(self, folder: Path, settings) -> Path:
+        from woolocal_ingest.embedders.quantize import quantize_int8
+
+        name = f"model.int8-{settings.key}.onnx"
+        final = folder / name
+        if final.is_file():
+            return final
+        with _locked(folder):
+            if not final.is_file():
+                log.info("quantizing %s to int8 in %s", self.info.name, folder)
+                write_export_atomically(folder / MODEL_FILENAME, folder,
+                                        lambda src, dest: quantize_int8(src, dest, settings), filename=name)
+        return final
+
+    def _fp32_vectors(self, texts: list[str]) -> np.ndarray:
+        """Float32 vectors of `texts` through the float32 export (the gate's reference), same batching and pooling."""
+        sess = self._fp32_session or self._new_session(self.onnx_path)
+        return self._with_session(sess, texts)
+
+    def _with_session(self, sess, texts: list[str]) -> np.ndarray:
+        saved, real, padded = self._session, self.real_tokens, self.padded_tokens
+        self._session = sess
+        try:
+            return self._embed(texts)
+        finally:
+            self._session, self.real_tokens, self.padded_tokens = saved, real, padded
+
+    def _load_int8(self):
+        import json as _json
+
+        from woolocal_ingest.embedders.quantize import (
+            GateReport, Int8Settings, calibration_texts, gate, gate_error, texts_sha,
+        )
+
+        settings = Int8Settings.for_this_cpu()
+        folder = self.onnx_path.parent
+        path = self._quantize_into(folder, settings)
+        sess = self._new_session(path)
+        self.quantized_path = path
+        self.quant_settings = settings
+        texts = calibration_texts()
+        report_file = folder / f"model.int8-{settings.key}.gate.json"
+        report = None
+        try:
+            saved = _json.loads(report_file.read_text(encoding="utf-8"))
+            if saved.get("calibration_sha") == texts_sha(texts) and saved.get("int8_size") == path.stat().st_size \
+                    and saved.get("int8_mtime_ns") == path.stat().st_mtime_ns:
+                report = GateReport.from_dict(saved["report"])
+        except (OSError, ValueError, KeyError, TypeError):
+            report = None
+        if report is None:  # first use of this int8 file: gate it against float32
+            ref = self._fp32_vectors([self.info.doc_prefix + t for t in texts])
+            got = self._with_session(sess, [self.info.doc_prefix + t for t in texts])
+            report = gate(ref, got, calibration=len(texts))
+            with contextlib.suppress(OSError):
+                tmp = report_file.with_name(f".{report_file.name}.{os.getpid()}{TMP_SUFFIX}")
+                tmp.write_text(_json.dumps({"calibration_sha": texts_sha(texts), "int8_size": path.stat().st_size,
+                                            "int8_mtime_ns": path.stat().st_mtime_ns,
+                                            "settings": settings.to_dict(), "report": report.to_dict()}),
+                               encoding="utf-8")
+                os.replace(tmp, report_file)
+        self.gate_report = report
+        if report.passed:
+            return sess
+        if self.on_gate_failure == "fp32":
+            log.warning("int8 model of %s failed the accuracy gate (%s): falling back to float32",
+                        self.info.name, "; ".join(report.failures))
+            report.fell_back = True
+            self.quantization = None
+            return self._fp32_session or self._new_session(self.onnx_path)
+        raise gate_error(self.info.name, path, report)
+
+    def check_sample(self, texts: list[str], limit: int = 128) -> None:
+        """Gate the int8 model on a store's own texts too (up to `limit`, spread over the list); the figures join
+        the calibration figures in `gate_report`. Raises QuantizationGateError (or falls back, as configured)."""
+        from woolocal_ingest.embedders.quantize import gate, gate_error
+
+        _ = self.session
+        if self.quantization != "int8" or not texts:
+            return
+        step = max(1, len(texts) // limit)
+        sample = [self.info.doc_prefix + t for t in list(texts)[::step][:limit]]
+        ref = self._fp32_vectors(sample)
+        got = self._with_session(self._session, sample)
+        rep = gate(ref, got, calibration=0, store=len(sample))
+        cal = self.gate_report
+        if cal is not None:  # one report: the worse of the two sets for each figure
+            rep.mean_cos = min(rep.mean_cos, cal.mean_cos)
+            rep.min_cos = min(rep.min_cos, cal.min_cos)
+            rep.top10_agreement = min(rep.top10_agreement, cal.top10_agreement)
+            rep.texts = cal.texts
+            rep.failures = [f"calibration: {f}" for f in cal.failures] + [f"store sample: {f}" for f in rep.failures]
+            rep.passed = not rep.failures
+        self.gate_report = rep
+        if rep.passed:
+            return
+        if self.on_gate_failure == "fp32":
+            log.warning("int8 model of %s failed the accuracy gate on the store's sample: falling back to float32",
+                        self.info.name)
+            rep.fell_back = True
+            self.quantization = None
+            self._session = self._new_session(self.onnx_path)
+            return
+        raise gate_error(self.info.name, self.quantized_path, rep)

@@ -1,0 +1,207 @@
+"""int8 fast path (issue 13): the packaged MiniLM quantized once per session, the accuracy gate passes it and refuses
+a deliberately broken quantization (a corrupt scale initializer) with the figures, falls back to fp32 when asked,
+and a store never mixes precisions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from woolocal_ingest.embedders.onnx import onnx_available
+
+pytestmark = pytest.mark.skipif(not onnx_available(), reason="onnxruntime / onnx not installed")
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample-project"
+
+
+@pytest.fixture(scope="session")
+def int8_model(tmp_path_factory, embedder):
+    """A copy of the packaged MiniLM (so the export and int8 files land in a tmp dir), exported, quantized and
+    gated once per session."""
+    from woolocal_ingest.embedders import read_model_info
+    from woolocal_ingest.embedders.onnx import OnnxEmbedder
+
+    dest = tmp_path_factory.mktemp("int8-models") / "minilm"
+    shutil.copytree(embedder.info.path, dest, ignore=shutil.ignore_patterns(".onnx-cache"))
+    info = read_model_info(dest, name=embedder.info.name)
+    emb = OnnxEmbedder(info, quantization="int8").load()
+    return info, emb
+
+
+def _broken_copy(info, tmp_path: Path):
+    """A copy of the model folder with its export and int8 files, one int8 weight scale multiplied by 8."""
+    import onnx
+    from onnx import numpy_helper
+
+    from woolocal_ingest.embedders import read_model_info
+
+    dest = tmp_path / "broken-minilm"
+    shutil.copytree(info.path, dest)
+    (q,) = list(dest.glob(".onnx-cache/*/model.int8-*.onnx"))
+    for gate_file in dest.glob(".onnx-cache/*/*.gate.json"):
+        gate_file.unlink()
+    model = onnx.load(str(q))
+    scale = next(i for i in model.graph.initializer if i.name.endswith("_scale") and list(i.dims) == [1536])
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 8, scale.name))
+    onnx.save(model, str(q))
+    return read_model_info(dest, name=info.name)
+
+
+def test_int8_passes_the_gate_and_is_cached_beside_the_export(int8_model):
+    from woolocal_ingest.embedders.quantize import Int8Settings, cpu_int8_features
+    from woolocal_ingest.ingest import _model_manifest
+
+    info, emb = int8_model
+    rep = emb.gate_report
+    assert rep.passed and not rep.fell_back and emb.quantization == "int8"
+    assert rep.mean_cos >= 0.99 and rep.min_cos >= 0.98 and rep.top10_agreement >= 0.85 and rep.texts >= 100
+    settings = Int8Settings.for_this_cpu()
+    assert settings.reduce_range == (not cpu_int8_features())
+    assert emb.quantized_path == emb.onnx_path.parent / f"model.int8-{settings.key}.onnx"
+    assert emb.quantized_path.stat().st_size < emb.onnx_path.stat().st_size
+    saved = json.loads((emb.onnx_path.parent / f"model.int8-{settings.key}.gate.json").read_text())
+    assert saved["report"]["passed"] and saved["settings"]["per_channel"]
+    m = _model_manifest(emb)
+    assert m["quantization"] == "int8" and m["backend"] == "onnx" and m["quantization_gate"]["passed"]
+    # int8 vectors are close to fp32 but not the same (else nothing was quantized)
+    texts = ["conda create -n py311 python=3.11", "How do I water tomatoes in August?"]
+    from woolocal_ingest.embedders.onnx import OnnxEmbedder
+
+    ref = OnnxEmbedder(info).embed_documents(texts)
+    got = emb.embed_documents(texts)
+    cos = (ref * got).sum(1)
+    assert np.all(cos > 0.97) and np.all(cos < 0.99999)
+
+
+def test_cache_key_differs_from_fp32(int8_model, embedder):
+    from woolocal_ingest.cache import model_key
+
+    _, emb = int8_model
+    assert model_key(emb) != model_key(embedder)
+
+
+def test_broken_quantization_is_refused_with_figures(int8_model, tmp_path):
+    from woolocal_ingest.embedders.onnx import OnnxEmbedder
+    from woolocal_ingest.embedders.quantize import QuantizationGateError
+
+    broken = _broken_copy(int8_model[0], tmp_path)
+    with pytest.raises(QuantizationGateError, match=r"failed the accuracy gate.*mean cosine 0\.\d+") as err:
+        OnnxEmbedder(broken, quantization="int8").load()
+    rep = err.value.report
+    assert not rep.passed and rep.failures
+    assert "on_gate_failure: fp32" in str(err.value)
+
+    # asked to fall back: fp32, recorded as such
+    from woolocal_ingest.ingest import _model_manifest
+
+    fb = OnnxEmbedder(broken, quantization="int8", on_gate_failure="fp32").load()
+    assert fb.quantization is None and fb.gate_report.fell_back and not fb.gate_report.passed
+    m = _model_manifest(fb)
+    assert m["quantization"] is None and m["quantization_gate"]["fell_back"]
+    ref = OnnxEmbedder(broken).embed_documents(["compost heaps need air"])
+    assert float((fb.embed_documents(["compost heaps need air"]) * ref).sum()) > 0.99999
+
+
+def test_store_never_mixes_precisions(int8_model, embedder, tmp_path):
+    from woolocal_ingest.chunking import ChunkSettings
+    from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+    from woolocal_ingest.errors import ModelChangedError
+    from woolocal_ingest.ingest import run_ingest
+
+    _, emb = int8_model
+    proj = tmp_path / "garden"
+    shutil.copytree(SAMPLE, proj)
+    stores = tmp_path / "stores"
+    settings = ChunkSettings()
+    s = run_ingest("garden", proj, stores, embedder, settings, DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    assert s.count > 0
+    with pytest.raises(ModelChangedError) as err:
+        run_ingest("garden", proj, stores, emb, settings, DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    msg = str(err.value)
+    assert "fp32" in msg and "int8" in msg and "--rebuild" in msg and "never mixes precisions" in msg
+
+    # --rebuild re-embeds the whole store as int8; the manifest says so, with the gate's figures (store sample too)
+    s2 = run_ingest("garden", proj, stores, emb, settings, DEFAULT_INCLUDE, DEFAULT_EXCLUDE, rebuild=True)
+    from woolocal_ingest.api import open_store
+
+    store = open_store(Path(s2.store))
+    model = store.manifest["model"]
+    assert model["quantization"] == "int8" and model["quantization_gate"]["passed"]
+    # a second int8 run gates the store's own sample too, and appends without re-embedding
+    s3 = run_ingest("garden", proj, stores, emb, settings, DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    assert s3.unchanged > 0 and emb.gate_report.store_texts > 0
+    # and now fp32 is refused on the int8 store, naming both
+    with pytest.raises(ModelChangedError, match=r"int8 vectors.*fp32 vectors.*--rebuild"):
+        run_ingest("garden", proj, stores, embedder, settings, DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    # queries of an int8 store use the int8 model; fp32 when asked
+    hits = store.search("how do I make compost", k=3)
+    assert hits and getattr(store.embedder, "quantization", None) == "int8"
+    fp = open_store(Path(s2.store), quantization="none")
+    assert [h.id for h in fp.search("how do I make compost", k=3)][:1] == [hits[0].id]
+    assert getattr(fp.embedder, "quantization", None) is None
+
+
+def test_quantization_config_errors_name_the_key(tmp_path):
+    from woolocal_ingest.config import load_config
+    from woolocal_ingest.errors import ConfigError
+
+    cfg = tmp_path / "flows.yaml"
+    cfg.write_text("purposes:\n  projects:\n    quantization: int4\n")
+    with pytest.raises(ConfigError, match=r"purposes\.projects\.quantization: 'int4' is not one of none, int8"):
+        load_config(cfg)
+    cfg.write_text("purposes:\n  projects:\n    backend: sentence-transformers\n    quantization: int8\n")
+    with pytest.raises(ConfigError, match=r"purposes\.projects.*int8 runs on the onnx backend"):
+        load_config(cfg)
+    cfg.write_text("purposes:\n  projects:\n    quantization: int8\n    on_gate_failure: ignore\n")
+    with pytest.raises(ConfigError, match=r"purposes\.projects\.on_gate_failure: 'ignore' is not one of refuse, fp32"):
+        load_config(cfg)
+
+    # `serve --quantization int8`: every local purpose at int8; one that cannot run it is named
+    from woolocal_ingest.config import quantized_config
+
+    cfg.write_text("purposes:\n  projects: {}\n  userProfile: {backend: onnx}\n")
+    q = quantized_config(load_config(cfg), "int8")
+    assert {p.quantization for p in q.purposes.values()} == {"int8"}
+    cfg.write_text("purposes:\n  projects: {}\n  userProfile: {backend: mlx}\n")
+    with pytest.raises(ConfigError, match=r"purposes\.userProfile\.quantization: int8 runs on the onnx backend"):
+        quantized_config(load_config(cfg), "int8")
+
+
+def test_auto_probe_is_cached_per_model_and_machine(int8_model, tmp_path, monkeypatch):
+    from woolocal_ingest.embedders import pick_backend, probe
+    from woolocal_ingest.embedders.probe import ProbeResult
+
+    info, _ = int8_model
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(probe.PROBE_ENV, "on")
+    calls = []
+
+    def fake(info_, allow_int8, texts=None):
+        calls.append(allow_int8)
+        rates = {"sentence-transformers": 10.0, "onnx": 14.0, **({"onnx-int8": 25.0} if allow_int8 else {})}
+        best = max(rates, key=rates.get)
+        return ProbeResult("onnx", "int8" if best == "onnx-int8" else None, rates)
+
+    monkeypatch.setattr(probe, "run_probe", fake)
+    c1 = pick_backend(info, "auto", "int8")
+    c2 = pick_backend(info, "auto", "int8")
+    c3 = pick_backend(info, "auto", None)
+    assert (c1.backend, c1.quantization) == ("onnx", "int8") and c2 == c1 and "onnx-int8 25.0" in c1.reason
+    assert (c3.backend, c3.quantization) == ("onnx", None)  # int8 only when the purpose allows it
+    assert calls == [True, False]  # once per model, machine and int8 permission
+    assert (tmp_path / "woolocal" / "probe.json").is_file()
+    monkeypatch.setenv(probe.PROBE_ENV, "off")
+    assert pick_backend(info, "auto", None).backend == "sentence-transformers"
+
+
+def test_run_probe_measures_real_arms(int8_model):
+    from woolocal_ingest.embedders.probe import run_probe
+
+    info, _ = int8_model
+    r = run_probe(info, allow_int8=True, texts=["a short text", "conda install numpy", "compost needs air"] * 4)
+    assert set(r.rates) == {"sentence-transformers", "onnx", "onnx-int8"} and not r.excluded
+    assert r.backend in ("sentence-transformers", "onnx") and all(v > 0 for v in r.rates.values())
