@@ -657,7 +657,11 @@ def _embed_all(plan: _Plan, emb: "Embedder", config: "FlowsConfig", progress: Pr
             summary.resumed_batches += 1
     if progress:
         progress("total+", sum(len(groups[b]) for b in todo))
-    cached = with_cache(emb, config.stores_root(), config.cache_settings())
+    # The embedding cache lives under the stores root the target belongs to: flows.yaml's, or, for an --out folder
+    # outside it, the folder that holds the target (never the current folder).
+    root = config.stores_root().resolve()
+    cached = with_cache(emb, root if plan.target.is_relative_to(root) else plan.target.parent,
+                        config.cache_settings())
     generation = getattr(emb, "generation", 0)
     for b in todo:
         idx = groups[b]
