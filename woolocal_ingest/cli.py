@@ -456,6 +456,11 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
                                          dry_run=True, quantization=quantization)
                 if (look.plan or {}).get("action") == "unchanged":
                     use_flow = False
+            elif use_flow:  # a declared migration, or --all: the same look first, per migration
+                looks = (mig.migrate_all(cfg, dry_run=True) if all_stores
+                         else [mig.run_one(declared, cfg, dry_run=True)] if declared is not None else [])
+                if looks and all((x.plan or {}).get("action") == "unchanged" for x in looks):
+                    use_flow = False  # every target already holds its migration: answered in-process
             if use_flow:  # our own API server (ends with this process), or the one PREFECT_API_URL names
                 from pipelines.runtime import start_prefect
 
