@@ -205,3 +205,16 @@ def test_run_probe_measures_real_arms(int8_model):
     r = run_probe(info, allow_int8=True, texts=["a short text", "conda install numpy", "compost needs air"] * 4)
     assert set(r.rates) == {"sentence-transformers", "onnx", "onnx-int8"} and not r.excluded
     assert r.backend in ("sentence-transformers", "onnx") and all(v > 0 for v in r.rates.values())
+
+
+def test_unloadable_cached_int8_file_is_quantized_again(int8_model, tmp_path):
+    from woolocal_ingest.embedders import read_model_info
+    from woolocal_ingest.embedders.onnx import OnnxEmbedder
+
+    info = int8_model[0]
+    dest = tmp_path / "minilm"
+    shutil.copytree(info.path, dest)
+    (q,) = list(dest.glob(".onnx-cache/*/model.int8-*.onnx"))
+    q.write_bytes(b"\0not onnx" * 64)
+    emb = OnnxEmbedder(read_model_info(dest, name=info.name), quantization="int8").load()
+    assert emb.quantized_path == q and q.stat().st_size > 1_000_000 and emb.gate_report.passed

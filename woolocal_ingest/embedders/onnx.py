@@ -287,19 +287,41 @@ class OnnxEmbedder(TransformerEmbedder):
 
     # -- int8 ----------------------------------------------------------------------------------------------------
 
-    def _quantize_into(self, folder: Path, settings) -> Path:
+    def _quantize_into(self, settings):
+        """The int8 model's path and session: found beside the export (or in the XDG cache when the export's folder
+        is read-only), else quantized there now (also when a cached file does not load)."""
         from woolocal_ingest.embedders.quantize import quantize_int8
 
         name = f"model.int8-{settings.key}.onnx"
-        final = folder / name
-        if final.is_file():
-            return final
-        with _locked(folder):
-            if not final.is_file():
-                log.info("quantizing %s to int8 in %s", self.info.name, folder)
-                write_export_atomically(folder / MODEL_FILENAME, folder,
-                                        lambda src, dest: quantize_int8(src, dest, settings), filename=name)
-        return final
+        src = self.onnx_path
+        folders = [src.parent] + [d for d in cache_dirs(self.info) if d != src.parent]
+        for d in folders:
+            if (d / name).is_file():
+                try:
+                    return d / name, self._new_session(d / name)
+                except Exception as e:  # truncated / corrupt file: quantize again
+                    log.warning("cached int8 model %s cannot be loaded (%s): quantizing again", d / name,
+                                str(e).splitlines()[0])
+        errors = []
+        for d in folders:
+            if not self._writable(d):
+                errors.append(f"{d}: not writable")
+                continue
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                with _locked(d):
+                    final = d / name
+                    if final.is_file():  # another process quantized it while this one waited for the lock
+                        with contextlib.suppress(Exception):
+                            return final, self._new_session(final)
+                    log.info("quantizing %s to int8 in %s", self.info.name, d)
+                    final = write_export_atomically(src, d, lambda s_, dest: quantize_int8(s_, dest, settings),
+                                                    filename=name)
+            except OSError as e:
+                errors.append(f"{d}: {e}")
+                continue
+            return final, self._new_session(final)
+        raise OSError(f"no writable cache for the int8 model of {self.info.name}: " + "; ".join(errors))
 
     def _fp32_vectors(self, texts: list[str]) -> np.ndarray:
         """Float32 vectors of `texts` through the float32 export (the gate's reference), same batching and pooling."""
@@ -322,9 +344,8 @@ class OnnxEmbedder(TransformerEmbedder):
         )
 
         settings = Int8Settings.for_this_cpu()
-        folder = self.onnx_path.parent
-        path = self._quantize_into(folder, settings)
-        sess = self._new_session(path)
+        path, sess = self._quantize_into(settings)
+        folder = path.parent
         self.quantized_path = path
         self.quant_settings = settings
         texts = calibration_texts()
