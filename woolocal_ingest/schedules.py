@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo
 
+from woolocal_ingest.locks import pid_alive
+
 INGEST_FLOW = "woolocal-scheduled-ingest"
 MIGRATE_FLOW = "woolocal-scheduled-migration"
 SERVER_DIR = "schedule-server"  # under PREFECT_HOME: the child server's database, log and state file
@@ -102,19 +104,9 @@ def read_server_state(home: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     pid = state.get("serve_pid")
-    if not isinstance(pid, int) or not _alive(pid):
+    if not isinstance(pid, int) or not pid_alive(pid):
         return None
     return state
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def api_url_for(cfg) -> tuple[str | None, str]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from woolocal_ingest.locks import pid_alive
+
 ANNOUNCE_FILE = ".woolocal-serve.json"
 
 
@@ -68,16 +70,6 @@ def announce(stores_root: Path, host: str, port: int, api_key_env: str | None) -
             pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def find_service(stores_root: Path, timeout: float = 0.5) -> RunningService | None:
     """The running service announced for `stores_root` whose /health answers ok, or None."""
     try:
@@ -86,7 +78,7 @@ def find_service(stores_root: Path, timeout: float = 0.5) -> RunningService | No
                              api_key_env=data.get("api_key_env"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not _alive(svc.pid):
+    if not pid_alive(svc.pid):
         return None
     try:
         with urllib.request.urlopen(f"{svc.url}/health", timeout=timeout) as r:
