@@ -379,9 +379,14 @@ def test_in_place_keeps_a_backup_and_rolls_back(tmp_path, rows, embedder, seeded
     assert {"faiss.index", "docstore.json", "manifest.json", "chunks.parquet"} <= {p.name for p in vs.iterdir()}
     assert verify_store(vs) == [] and open_store(vs).manifest["project"] == "demo"
     assert (s["added"], s["updated"], s["deleted"]) == (s["count"] - 10, 10, 0)
-    # Again: the source already is a store of this model.
-    again = one_json(cli("--config", str(cfg), "migrate", str(vs), "--to", "projects", "--in-place", "--no-prefect",
-                         "--json").stdout)
+    # Again: the source already is a store of this model; the look first answers it without loading the model.
+    def no_model(*a, **k):
+        raise AssertionError("an already-migrated store needs no model")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(migrate, "resolve_embedder", no_model)
+        again = one_json(cli("--config", str(cfg), "migrate", str(vs), "--to", "projects", "--in-place", "--json")
+                         .stdout)
     assert again["status"] == "unchanged" and "already is a woolocal store" in again["message"]
     assert migrate.backups(vs) == [backup]
     # Roll back: the old store is back, the migrated one kept aside.

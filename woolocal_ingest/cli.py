@@ -444,6 +444,13 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
                 raise click.UsageError(f"{source!r} is a migration declared in flows.yaml; {', '.join(given)} cannot "
                                        "change it (edit flows.yaml, or give a store folder)")
             use_flow = not (no_prefect or dry_run)
+            # Look first, cheaply: a target that already holds this migration is answered without the model.
+            quick = mig.look_unchanged(Path(source), to, config=cfg, out=Path(out) if out else None,
+                                       in_place=in_place, backend=backend, python_layout=python_layout,
+                                       quantization=quantization) if source and declared is None and not dry_run \
+                else None
+            if quick is not None:
+                use_flow = False
             if use_flow and source and declared is None:  # bad input fails here, not as a failed flow run
                 from woolocal_ingest.legacy import detect_format
 
@@ -481,6 +488,8 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
                                                     quantization=quantization))
             elif declared is not None:
                 results = mig.run_declared_migration(declared, cfg, dry_run=dry_run).to_dict()
+            elif quick is not None:
+                results = quick.to_dict()
             else:
                 results = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
                                             in_place=in_place, backend=backend, python_layout=python_layout,

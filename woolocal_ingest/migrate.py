@@ -74,7 +74,8 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_ENV", "EmptySourceError", "MigrationError", "MigrationInputError", "MigrationLockedError",
     "MigrationSummary", "MigrationVerifyError", "NoBackupError", "SPLIT_KEY", "backups", "declared_migrations",
-    "default_project", "format_summary", "format_table", "migrate_all", "migrate_store", "resolve_embedder", "rollback",
+    "default_project", "format_summary", "format_table", "look_unchanged", "migrate_all", "migrate_store",
+    "resolve_embedder", "rollback",
     "run_declared_migration", "run_one", "set_progress", "source_fingerprint",
 ]
 
@@ -750,29 +751,95 @@ def _self_retrieval(index: Any, texts: list[str], emb: "Embedder") -> list[str]:
 # the migration
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What decides a migration's vectors and target, known from the registry without loading the model."""
+
+    name: str
+    dim: int
+    files_sha256: str
+    quantization: str | None
+
+
+def _facts(emb: "Embedder") -> ModelFacts:
+    ident = _model_identity(emb)
+    return ModelFacts(emb.model_name, emb.dim, ident["files_sha256"], ident["quantization"])
+
+
 def _already_done(plan: _Plan, emb: "Embedder") -> str | None:
     """Why the target needs no work (None: it does)."""
-    target = plan.target
+    return _unchanged_reason(plan.target, plan.source, plan.fingerprint, plan.python_layout, _facts(emb),
+                             plan.legacy.format == "woolocal", plan.current)
+
+
+def _unchanged_reason(target: Path, source: Path, fingerprint: str, python_layout: bool, model: ModelFacts,
+                      source_is_ours: bool, current: CurrentStore | None) -> str | None:
+    """Why `target` already holds the migration of `source` by `model` (None: there is work)."""
     if not is_store(target):
         return None
     try:
         m = read_manifest(target)
     except StoreError:
         return None
-    same_model = _same_model(m, emb)
-    layouts_ok = not plan.python_layout or "langchain-python" in m.layouts
+    mm = m.model
+    same_model = (mm.get("files_sha256"), mm.get("quantization"), m.get("dim")) == (
+        model.files_sha256, model.quantization, model.dim)
+    layouts_ok = not python_layout or "langchain-python" in m.layouts
     if not (same_model and layouts_ok):
         return None
-    if plan.current is not None and plan.current.changed_outside:
+    if current is not None and current.changed_outside:
         return None  # another writer's rows are to be adopted
-    if target == plan.source and plan.legacy.format == "woolocal":
-        if not plan.legacy.problems_of("store_verify"):
-            return f"{target} already is a woolocal store of {emb.model_name} ({emb.dim}d)"
+    if target == source and source_is_ours:
+        if not verify_store(target):
+            return f"{target} already is a woolocal store of {model.name} ({model.dim}d)"
         return None
     mf = m.migrated_from or {}
-    if mf.get("fingerprint") == plan.fingerprint and not verify_store(target):
-        return f"{target} already holds this migration of {plan.source} (same source files, same model files)"
+    if mf.get("fingerprint") == fingerprint and not verify_store(target):
+        return f"{target} already holds this migration of {source} (same source files, same model files)"
     return None
+
+
+def look_unchanged(source: Path, to: str, *, config: "FlowsConfig", out: Path | None = None, in_place: bool = False,
+                   backend: str | None = None, python_layout: bool | None = None,
+                   quantization: str | None = None) -> MigrationSummary | None:
+    """A cheap look before a migration: the `unchanged` summary when the target already holds this migration of
+    `source` (same source files, same model files and precision, no other writer's rows to adopt), found without
+    loading the model (registry facts and the remembered sha256 of its files); None when there may be work, or
+    when it cannot tell cheaply (a remote backend, an unknown name): the full run decides."""
+    from woolocal_ingest.embedders import pick_backend, resolve_model
+    from woolocal_ingest.legacy import detect_format
+    from woolocal_ingest.preplan import model_files_sha256
+
+    t0 = time.perf_counter()
+    try:
+        source = Path(source).expanduser().resolve()
+        purpose = config.purposes.get(to)
+        model = purpose.model if purpose is not None else to
+        be = backend or (purpose.backend if purpose is not None else "auto")
+        quant = quantization or (purpose.quantization if purpose is not None else None)
+        if be == "openai-compatible" or (purpose is not None and purpose.endpoint):
+            return None
+        info = resolve_model(model)
+        choice = pick_backend(info, be, quant)
+        if choice.backend not in ("sentence-transformers", "onnx"):
+            return None
+        facts = ModelFacts(info.name, info.dim, model_files_sha256(info), choice.quantization)
+        target = (source if in_place else Path(out).expanduser().resolve() if out is not None
+                  else store_dir(config.stores_root(), default_project(source), info.slug, info.dim).resolve())
+        fmt = detect_format(source)
+        layout = python_layout if python_layout is not None else (
+            True if fmt == "langchain-python" else config.defaults.python_layout)
+        current = read_current(target) if is_store(target) else None
+        reason = _unchanged_reason(target, source, source_fingerprint(source)[0], layout, facts, fmt == "woolocal",
+                                   current)
+    except WoolocalError:
+        return None
+    if reason is None:
+        return None
+    count = read_manifest(target).count
+    return MigrationSummary(status="unchanged", source=str(source), store=str(target), model=info.name,
+                            backend=choice.backend, dim=info.dim, count=count, unchanged=count, in_place=in_place,
+                            message=reason, seconds=round(time.perf_counter() - t0, 3))
 
 
 def _same_model(manifest: dict, emb: "Embedder") -> bool:
