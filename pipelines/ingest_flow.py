@@ -17,36 +17,17 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from woolocal_ingest import ingest
 from woolocal_ingest.chunking import ChunkSettings
 from woolocal_ingest.documents import SourceOptions
-from woolocal_ingest.embedders import load_embedder
 from woolocal_ingest.errors import WoolocalError
 from woolocal_ingest.stores import StoreChangedError
 
+from pipelines.flow_embedders import flow_embedder
+
 SHARDS_PREFIX = ".shards-"  # <stores_root>/<project>/.shards-<flow-run-id>/: a dask run's vectors, one .npy per shard
-
-# One embedder per (model, backend) per process: loading a model costs seconds, tasks share it.
-_EMBEDDERS: dict = {}
-
-
-def _embedder(model: str | None, backend: str, batch_size: int, source: dict | None = None):
-    """The process's embedder for (model, backend, batch_size); `source` (the CLI's purpose from flows.yaml and its
-    overrides) builds it the way `woolocal ingest --no-prefect` does (fallback, endpoint, token budget)."""
-    key = (model, backend, batch_size)
-    if key not in _EMBEDDERS:
-        if source and source.get("purpose") is not None:
-            from woolocal_ingest.config import PurposeConfig
-            from woolocal_ingest.embedders import embedder_for
-
-            _EMBEDDERS[key] = embedder_for(PurposeConfig(**source["purpose"]), source.get("name") or "projects",
-                                           model=source.get("model"), backend=source.get("backend"))
-        else:
-            _EMBEDDERS[key] = load_embedder(model, backend=backend, batch_size=batch_size)
-    return _EMBEDDERS[key]
-
 
 def preload_embedder(params: dict):
     """Build the embedder the flow's tasks will use for `params` (ingest_flow's) and load its model now, in this
     process (a fallback whose primary cannot load switches here): the CLI does this while the API server starts."""
-    emb = _embedder(*_model_spec(**params))
+    emb = flow_embedder(*_model_spec(**params))
     if hasattr(emb, "ensure_ready"):
         emb.ensure_ready()
     getattr(emb, "model", None)  # a local backend's weights (a lazy attribute)
@@ -56,7 +37,7 @@ def preload_embedder(params: dict):
 @task(name="discover", cache_policy=NO_CACHE, persist_result=False)
 def discover_task(project, root, stores_root, model, backend, batch_size, source, chunk_tokens, overlap_tokens,
                   include, exclude, python_layout, rebuild=False, sources=None, move=False):
-    emb = _embedder(model, backend, batch_size, source)
+    emb = flow_embedder(model, backend, batch_size, source)
     if hasattr(emb, "ensure_ready"):
         emb.ensure_ready()  # a fallback embedder whose primary cannot load switches before anything is planned
     return ingest.plan_ingest(project, Path(root), Path(stores_root), emb, ChunkSettings(chunk_tokens, overlap_tokens),
@@ -66,14 +47,14 @@ def discover_task(project, root, stores_root, model, backend, batch_size, source
 
 @task(name="load-and-chunk", cache_policy=NO_CACHE, persist_result=False)
 def load_chunk_task(root, rels, model, backend, batch_size, source, chunk_tokens, overlap_tokens, sources=None):
-    return ingest.load_and_chunk(Path(root), rels, _embedder(model, backend, batch_size, source),
+    return ingest.load_and_chunk(Path(root), rels, flow_embedder(model, backend, batch_size, source),
                                  ChunkSettings(chunk_tokens, overlap_tokens), SourceOptions.from_dict(sources))
 
 
 @task(name="embed-batch", cache_policy=NO_CACHE, persist_result=False)
 def embed_task(texts, model, backend, batch_size, source=None, stores_root=None, cache=None):
     """(vectors, cache hits) of one batch, embedded in this process behind the embedding cache `cache`."""
-    emb = ingest.with_cache(_embedder(model, backend, batch_size, source), stores_root, cache)
+    emb = ingest.with_cache(flow_embedder(model, backend, batch_size, source), stores_root, cache)
     t = time.perf_counter()
     vectors = ingest.embed_texts(emb, texts)
     dt = time.perf_counter() - t
@@ -90,7 +71,7 @@ def embed_shard_task(texts, path, model, backend, batch_size, source=None, store
     The shard folder is made by the flow and never here: once the flow has removed it (after a failure) a late
     shard cannot bring it back.
     """
-    emb = ingest.with_cache(_embedder(model, backend, batch_size, source), stores_root, cache)
+    emb = ingest.with_cache(flow_embedder(model, backend, batch_size, source), stores_root, cache)
     vectors = np.ascontiguousarray(ingest.embed_texts(emb, texts), dtype=np.float32)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -116,7 +97,7 @@ def _load_shard(path: str, n: int, dim: int) -> np.ndarray:
 
 @task(name="write-store", cache_policy=NO_CACHE, persist_result=False)
 def write_task(plan, loaded, texts, vectors, model, backend, batch_size, source=None):
-    return ingest.assemble_and_write(plan, loaded, texts, vectors, _embedder(model, backend, batch_size, source))
+    return ingest.assemble_and_write(plan, loaded, texts, vectors, flow_embedder(model, backend, batch_size, source))
 
 
 def runner_settings(cfg: Any = None) -> dict:
@@ -220,7 +201,7 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
                          tuple(include or DEFAULT_INCLUDE), tuple(exclude or DEFAULT_EXCLUDE), python_layout, rebuild,
                          sources, move)
     t_plan = time.perf_counter() - t0
-    generation = getattr(_embedder(*m), "generation", 0)  # a fallback switch after this means: re-embed everything
+    generation = getattr(flow_embedder(*m), "generation", 0)  # a fallback switch after this means: re-embed everything
     log.info("%s: %d files to load, %d unchanged, %d deleted", project, len(plan.to_load), len(plan.unchanged),
              len(plan.deleted))
     # Load+chunk tasks run concurrently on the task runner while earlier groups are being embedded.
@@ -271,7 +252,7 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
             t = time.perf_counter()
             if pending:
                 submit_shard(pending)
-            dim = _embedder(*m).dim
+            dim = flow_embedder(*m).dim
             for f, n in shards:
                 done = f.result()  # a failed shard raises here and fails the flow
                 if done["generation"] or done["model"] != plan.model["name"]:
@@ -283,11 +264,11 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
                 ingest.emit_progress("embedded", n)
             t_embed += time.perf_counter() - t
             log.info("%s: %d texts embedded in %d shards", project, len(texts), len(shards))
-        if getattr(_embedder(*m), "generation", 0) != generation:
+        if getattr(flow_embedder(*m), "generation", 0) != generation:
             # The primary failed mid-run and the fallback took over: it re-embeds the whole store, into its own
             # model's store (the same steps, in this process), so no store mixes two models.
             log.warning("%s: embedder switched to its fallback mid-run; re-embedding everything with it", project)
-            return ingest.run_ingest(project, Path(root), Path(stores_root), _embedder(*m),
+            return ingest.run_ingest(project, Path(root), Path(stores_root), flow_embedder(*m),
                                      ChunkSettings(chunk_tokens, overlap_tokens), tuple(include or DEFAULT_INCLUDE),
                                      tuple(exclude or DEFAULT_EXCLUDE), python_layout, True, cache,
                                      SourceOptions.from_dict(sources), move).to_dict()
@@ -297,7 +278,7 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
             # Wooster (or another writer) saved into the store while this run worked: nothing was swapped in.
             # Plan again and adopt its write, in this process (the embedding cache serves what is already done).
             log.warning("%s: the store was written by another program during the run; adopting that write", project)
-            return ingest.run_ingest(project, Path(root), Path(stores_root), _embedder(*m),
+            return ingest.run_ingest(project, Path(root), Path(stores_root), flow_embedder(*m),
                                      ChunkSettings(chunk_tokens, overlap_tokens), tuple(include or DEFAULT_INCLUDE),
                                      tuple(exclude or DEFAULT_EXCLUDE), python_layout, rebuild, cache,
                                      SourceOptions.from_dict(sources), move).to_dict()
@@ -314,7 +295,7 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
     if shard_dir is not None:
         summary.timings["shards"] = len(shards)
     elif hasattr(summary, "padding_waste"):  # on Dask the batches were padded in the workers' processes
-        summary.padding_waste = ingest.padding_waste(_embedder(*m))
+        summary.padding_waste = ingest.padding_waste(flow_embedder(*m))
     log.info("%s: %d chunks (%d embedded)", summary.store, summary.count, summary.embedded)
     return summary.to_dict()
 

@@ -22,6 +22,7 @@ from woolocal_ingest import ingest as ingest_mod
 from woolocal_ingest.cli import main
 from woolocal_ingest.stores import Store, verify_store
 from store_copies import copy_stores
+import pipelines.flow_embedders as flow_embedders
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample-project"
@@ -199,7 +200,7 @@ def flow_embedder(monkeypatch, embedder):
     prepare_prefect_env(Path(os.environ["PREFECT_HOME"]))
     from pipelines import ingest_flow as flow_mod
 
-    monkeypatch.setitem(flow_mod._EMBEDDERS, (MODEL, "auto", 32), embedder)
+    monkeypatch.setitem(flow_embedders.EMBEDDERS, (MODEL, "auto", 32), embedder)
     return embedder
 
 

@@ -22,6 +22,7 @@ from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import run_ingest
 from woolocal_ingest.stores import Store, store_dir, verify_store
 from store_copies import copy_stores
+import pipelines.flow_embedders as flow_embedders
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample-project"
 PROJECT = "sample"
@@ -77,8 +78,8 @@ def flow_mod():
 @pytest.fixture
 def flow_cache(flow_mod, monkeypatch, embedder):
     """The flow process's model cache holds the session's model (workers load their own, once per process)."""
-    monkeypatch.setitem(flow_mod._EMBEDDERS, MODEL_KEY, embedder)
-    return flow_mod._EMBEDDERS
+    monkeypatch.setitem(flow_embedders.EMBEDDERS, MODEL_KEY, embedder)
+    return flow_embedders.EMBEDDERS
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +133,15 @@ def base(tmp_path_factory, flow_mod, embedder, api_url):
 @contextmanager
 def _cached_model(flow_mod, embedder, model: str | None = None):
     key = (model, "auto", 32)
-    old = flow_mod._EMBEDDERS.get(key)
-    flow_mod._EMBEDDERS[key] = embedder
+    old = flow_embedders.EMBEDDERS.get(key)
+    flow_embedders.EMBEDDERS[key] = embedder
     try:
         yield
     finally:
         if old is None:
-            flow_mod._EMBEDDERS.pop(key, None)
+            flow_embedders.EMBEDDERS.pop(key, None)
         else:
-            flow_mod._EMBEDDERS[key] = old
+            flow_embedders.EMBEDDERS[key] = old
 
 
 @pytest.fixture
@@ -179,7 +180,7 @@ def _worker_facts() -> dict:
 
         facts["servers"] = sum(1 for s in SubprocessASGIServer._instances.values() if s.running)
     if "pipelines.ingest_flow" in sys.modules:
-        facts["models"] = {k: id(v) for k, v in sys.modules["pipelines.ingest_flow"]._EMBEDDERS.items()}
+        facts["models"] = {k: id(v) for k, v in sys.modules["pipelines.flow_embedders"].EMBEDDERS.items()}
     return facts
 
 

@@ -53,7 +53,7 @@ def _broken_copy(info, tmp_path: Path):
 
 def test_int8_passes_the_gate_and_is_cached_beside_the_export(int8_model):
     from woolocal_ingest.embedders.quantize import Int8Settings, cpu_int8_features
-    from woolocal_ingest.ingest import _model_manifest
+    from woolocal_ingest.ingest import model_identity
 
     info, emb = int8_model
     rep = emb.gate_report
@@ -65,7 +65,7 @@ def test_int8_passes_the_gate_and_is_cached_beside_the_export(int8_model):
     assert emb.quantized_path.stat().st_size < emb.onnx_path.stat().st_size
     saved = json.loads((emb.onnx_path.parent / f"model.int8-{settings.key}.gate.json").read_text())
     assert saved["report"]["passed"] and saved["settings"]["per_channel"]
-    m = _model_manifest(emb)
+    m = model_identity(emb)
     assert m["quantization"] == "int8" and m["backend"] == "onnx" and m["quantization_gate"]["passed"]
     # int8 vectors are close to fp32 but not the same (else nothing was quantized)
     texts = ["conda create -n py311 python=3.11", "How do I water tomatoes in August?"]
@@ -96,11 +96,11 @@ def test_broken_quantization_is_refused_with_figures(int8_model, tmp_path):
     assert "on_gate_failure: fp32" in str(err.value)
 
     # asked to fall back: fp32, recorded as such
-    from woolocal_ingest.ingest import _model_manifest
+    from woolocal_ingest.ingest import model_identity
 
     fb = OnnxEmbedder(broken, quantization="int8", on_gate_failure="fp32").load()
     assert fb.quantization is None and fb.gate_report.fell_back and not fb.gate_report.passed
-    m = _model_manifest(fb)
+    m = model_identity(fb)
     assert m["quantization"] is None and m["quantization_gate"]["fell_back"]
     ref = OnnxEmbedder(broken).embed_documents(["compost heaps need air"])
     assert float((fb.embed_documents(["compost heaps need air"]) * ref).sum()) > 0.99999

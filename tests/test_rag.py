@@ -20,7 +20,7 @@ from chat_double import ChatDouble
 from woolocal_ingest.chunking import Chunk, ChunkSettings
 from woolocal_ingest.config import ChatConfig, FlowsConfig, ProjectConfig, ServiceConfig
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
-from woolocal_ingest.ingest import _model_manifest, run_ingest
+from woolocal_ingest.ingest import model_identity, run_ingest
 from woolocal_ingest.api import open_store
 from woolocal_ingest.stores import store_dir, write_store
 from servers import free_port, running
@@ -75,7 +75,7 @@ def _chunks_for_version(v: int) -> list[Chunk]:
 def write_swap_version(stores_root: Path, embedder, v: int, vectors: np.ndarray) -> Path:
     chunks = _chunks_for_version(v)
     return write_store(store_dir(stores_root, "swap", embedder.info.slug, embedder.dim), chunks, vectors[:len(chunks)],
-                       {"project": "swap", "model": _model_manifest(embedder)})
+                       {"project": "swap", "model": model_identity(embedder)})
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def world(tmp_path_factory, embedder):
     # a real store outside the stores root (a traversal must never reach it)
     outside = base / "root" / "secret"
     write_store(outside / STORE, _chunks_for_version(1)[:3], vectors[:3],
-                {"project": "secret", "model": _model_manifest(embedder)})
+                {"project": "secret", "model": model_identity(embedder)})
     (stores_root / "escape").symlink_to(outside, target_is_directory=True)  # a symlink out of the root
     # stores whose model the service cannot use for text queries
     unknown = {"name": "acme/unknown-embedder", "path": "/nonexistent/acme-unknown-embedder", "dim": 384}
@@ -101,7 +101,7 @@ def world(tmp_path_factory, embedder):
     for folder in ("model-a-384d", "model-b-384d"):  # two stores, neither of the configured model
         write_store(stores_root / "multi" / folder, _chunks_for_version(1)[:3], vectors[:3],
                     {"project": "multi", "model": {**unknown, "name": f"acme/{folder[:-5]}"}})
-    other_files = {**_model_manifest(embedder), "files_sha256": "0" * 64}
+    other_files = {**model_identity(embedder), "files_sha256": "0" * 64}
     write_store(stores_root / "odd" / STORE, _chunks_for_version(2)[:3], vectors[:3],
                 {"project": "odd", "model": other_files})
     return {"base": base, "stores_root": stores_root, "vectors": vectors, "outside": outside}

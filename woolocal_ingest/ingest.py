@@ -144,7 +144,9 @@ class IngestSummary:
         return d
 
 
-def _model_manifest(embedder: Embedder) -> dict:
+def model_identity(embedder: Embedder) -> dict:
+    """What decides an embedder's vectors, as a store's manifest records it (`model`): the model's facts, the sha256
+    of its files, the backend and the precision (with the int8 gate's figures). Ingest and migrate use this one."""
     info = embedder.info
     if getattr(embedder, "quantization", None) == "int8" and callable(getattr(embedder, "load", None)):
         embedder.load()  # int8 is what it is only once gated (a failed gate may fall back to fp32)
@@ -253,7 +255,7 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
     file_sha, skipped = hash_sources(root, include, exclude, sources)
     chunking = chunking_record(effective_settings(settings, embedder.tokens, embedder.max_tokens), embedder.model_name,
                                sources)
-    model = _model_manifest(embedder)
+    model = model_identity(embedder)
     target = store_dir(stores_root, project, embedder.info.slug, embedder.dim)
     prev_files: dict[str, str] = {}
     previous = None
@@ -275,7 +277,7 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
     if current is not None:
         if current.manifest.model.get("quantization") == model["quantization"] == "int8":
             check_gate_on_store(embedder, target)  # gate on the store's own texts (may fall back to fp32)
-            model = _model_manifest(embedder)
+            model = model_identity(embedder)
         previous = str(target)
         prev_files = current.manifest.source_files
         prev_model = current.manifest.model

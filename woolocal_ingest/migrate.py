@@ -228,9 +228,9 @@ def resolve_embedder(to: str, config: "FlowsConfig", backend: str | None = None,
 
 def _model_identity(emb: "Embedder") -> dict:
     """What decides the vectors: the model's files, pooling, prefix, limits, quantization, and the backend."""
-    from woolocal_ingest.ingest import _model_manifest
+    from woolocal_ingest.ingest import model_identity
 
-    m = _model_manifest(emb)
+    m = model_identity(emb)
     return {k: m.get(k) for k in ("name", "dim", "files_sha256", "quantization", "pooling", "normalize",
                                   "doc_prefix", "max_tokens", "backend")}
 
@@ -874,13 +874,13 @@ def _check_target(plan: _Plan, emb: "Embedder") -> None:
 
 
 def _manifest(plan: _Plan, emb: "Embedder") -> dict:
-    from woolocal_ingest.ingest import _model_manifest
+    from woolocal_ingest.ingest import model_identity
 
     lg = plan.legacy
     problems = [p.to_dict() for p in lg.problems + plan.problems]
     return {
         "project": plan.project,
-        "model": _model_manifest(emb),
+        "model": model_identity(emb),
         "chunking": {"migrated": True, "limit_tokens": plan.limit, "tokenizer": emb.model_name,
                      "rule": "source chunks kept; a chunk over the limit is cut into consecutive pieces at paragraph/"
                              "line/sentence/word boundaries (token boundaries where a run has none), first piece keeps "

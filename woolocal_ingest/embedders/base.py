@@ -1,7 +1,9 @@
-"""The one embedder interface every backend implements, and the tokenizer wrapper chunking measures with."""
+"""The one embedder interface every backend implements, the tokenizer wrapper chunking measures with, and the
+backend a model was given to (`BackendChoice`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Protocol, Sequence
 
@@ -197,3 +199,12 @@ class TransformerEmbedder(LocalModel):
 
     def embed_query(self, text: str) -> np.ndarray:
         return self._embed([self.info.query_prefix + text])[0]
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend runs a model, and why (the CLI says it when `auto` chose)."""
+
+    backend: str
+    reason: str
+    quantization: str | None = None  # "int8", or None: float32

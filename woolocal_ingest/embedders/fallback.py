@@ -29,6 +29,7 @@ import numpy as np
 
 from woolocal_ingest.config import EndpointConfig, PurposeConfig
 from woolocal_ingest.embedders.base import Embedder, Progress
+from woolocal_ingest.embedders.router import purpose_loader
 from woolocal_ingest.embedders.openai_compat import (
     OpenAICompatibleEmbedder, RemoteEndpointRefusedError, is_loopback_url, redact_url,
 )
@@ -244,14 +245,6 @@ class FallbackEmbedder:
 # -- from configuration ------------------------------------------------------------------------------------------
 
 
-def _default_load_local(model: str | None, backend: str, purpose: PurposeConfig) -> Embedder:
-    from woolocal_ingest.embedders import load_embedder
-
-    quant = purpose.quantization if backend in ("auto", "onnx") else None  # int8 runs on ONNX Runtime only
-    return load_embedder(model, backend=backend, batch_size=purpose.batch_size, quantization=quant,
-                         on_gate_failure=purpose.on_gate_failure)
-
-
 def build_embedder(
     backend: str,
     model: str | None,
@@ -271,7 +264,7 @@ def build_embedder(
             raise WoolocalError(f"{key}.endpoint: required when backend is openai-compatible")
         return OpenAICompatibleEmbedder(endpoint, model, dim, loopback_only=loopback_only, setting=f"{key}.endpoint",
                                         dims_setting=f"{key.split('.fallback')[0]}.dimensions", **remote_options)
-    emb = (load_local or _default_load_local)(model, backend, purpose)
+    emb = (load_local or purpose_loader)(model, backend, purpose)
     if dim is not None and emb.dim != dim:
         raise DimensionMismatchError(f"{key}: model {emb.model_name} has {emb.dim} dims, but "
                                      f"{key.split('.fallback')[0]}.dimensions is {dim}")

@@ -141,7 +141,7 @@ def run_probe(info: ModelInfo, allow_int8: bool, texts: list[str] | None = None)
 
 def probed_choice(info: ModelInfo, allow_int8: bool):
     """The BackendChoice for `auto` here: the cached probe result for this model and machine, or a new probe."""
-    from woolocal_ingest.embedders import BackendChoice
+    from woolocal_ingest.embedders.base import BackendChoice
 
     key = _cache_key(info, allow_int8)
     cached = _read_cache().get(key)
