@@ -7,7 +7,7 @@ import hashlib
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
 
@@ -287,11 +287,6 @@ def _merge_thin(pieces: list[tuple[int, str]], text: str, counter: "TokenCounter
         else:
             i += 1
     return out
-
-
-def chunk_documents(docs: Iterable[Document], counter: "TokenCounter", settings: ChunkSettings,
-                    max_tokens: int) -> list[Chunk]:
-    return [c for d in docs for c in chunk_document(d, counter, settings, max_tokens)]
 
 
 def chunking_record(eff: ChunkSettings, tokenizer: str, sources: SourceOptions) -> dict:

@@ -155,12 +155,6 @@ class LegacyStore:
     def problems_of(self, kind: str) -> list[Problem]:
         return [p for p in self.problems if p.kind == kind]
 
-    def summary(self) -> dict:
-        """A JSON-able report (no texts): for `woolocal migrate --json` and logs."""
-        return {"format": self.format, "path": str(self.path), "dim": self.dim, "index_type": self.index_type,
-                "ntotal": self.ntotal, "count": len(self.chunks), "model": self.model,
-                "problems": [p.to_dict() for p in self.problems]}
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # detection

@@ -47,7 +47,6 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -63,7 +62,7 @@ from woolocal_ingest.fsutil import (
 )
 from woolocal_ingest.manifest import NAME_RE, read_manifest
 from woolocal_ingest.stores import (
-    INDEX_JS, MANIFEST, PARQUET, StoreChangedError, json_safe, json_safe_value, is_store, read_record, store_dir,
+    INDEX_JS, MANIFEST, PARQUET, StoreChangedError, json_safe, json_safe_value, is_store, store_dir,
     truth_snapshot, verify_store, write_store,
 )
 

@@ -12,7 +12,6 @@ full run adopts them). Anything it cannot decide cheaply (a remote backend, MLX 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -480,14 +480,6 @@ async def retrieve(request: Request, store_name: Any, *, query: str | None = Non
     return sid, entry, hits
 
 
-def _updated(store: Store) -> str | None:
-    try:
-        ts = os.stat(store.path / MANIFEST).st_mtime
-        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-    except OSError:
-        return None
-
-
 def _version(manifest: Mapping[str, Any]) -> str | None:
     """A short, content-derived version of a store: the sha256 of its canonical record."""
     sha = (manifest.get("files") or {}).get("chunks.parquet")
