@@ -35,27 +35,29 @@ def _fail(err: Exception) -> "click.exceptions.Exit":
     return click.exceptions.Exit(code)
 
 
-@contextmanager
-def _work_errors(obj: "_Ctx", what: str):
-    """Errors of a command's work: usage errors pass through (exit 2), a WoolocalError becomes its `error:` line and
-    exit code, anything else (a bug, an OS failure) one line and exit 1 (-v re-raises it for the traceback)."""
-    try:
-        yield
-    except (click.UsageError, click.exceptions.Exit):
-        raise
-    except WoolocalError as e:
-        raise _fail(e)
-    except Exception as e:
-        if obj.verbose:
+class _Commands(click.Group):
+    """The one error path of every command: usage errors pass through (exit 2), a WoolocalError becomes its `error:`
+    line and exit code, anything else (a bug, an OS failure) one line and exit 1 (`-v` re-raises it for the
+    traceback). Ctrl-C is the commands' own (one line, exit 130)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        raise _fail(WoolocalError(f"{what} failed: {type(e).__name__}: {e}"))
+        except WoolocalError as e:
+            raise _fail(e)
+        except Exception as e:
+            if ctx.obj is not None and ctx.obj.verbose:
+                raise
+            raise _fail(WoolocalError(f"{ctx.invoked_subcommand or 'command'} failed: {type(e).__name__}: {e}"))
 
 
 def _emit_json(obj) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False, default=str))
 
 
-@click.group()
+@click.group(cls=_Commands)
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
               help="flows.yaml to use (default: $WOOLOCAL_CONFIG, else ./flows.yaml).")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's own logs.")
@@ -162,60 +164,59 @@ def ingest(obj: _Ctx, target, stores, model, backend, quantization, rebuild, pyt
     runtime = None
     bar = _Bar(enabled=sys.stderr.isatty())
     try:
-        with _work_errors(obj, "ingest"):
-            cfg = obj.config
-            proj = _resolve_target(cfg, target, name)
-            if dry_run:
-                _dry_run(cfg, proj, no_ignore_files, as_json, names or obj.verbose)
-                return
-            from woolocal_ingest import ingest as ingest_mod
-            from woolocal_ingest.documents import SourceOptions
-            from woolocal_ingest.preplan import pre_plan
+        cfg = obj.config
+        proj = _resolve_target(cfg, target, name)
+        if dry_run:
+            _dry_run(cfg, proj, no_ignore_files, as_json, names or obj.verbose)
+            return
+        from woolocal_ingest import ingest as ingest_mod
+        from woolocal_ingest.documents import SourceOptions
+        from woolocal_ingest.preplan import pre_plan
 
-            params = ingest_mod.ingest_params(cfg, proj, stores=stores, model=model, backend=backend,
-                                              python_layout=python_layout, rebuild=rebuild, no_cache=no_cache,
-                                              ignore_files=False if no_ignore_files else None, move=move,
-                                              quantization=quantization)
-            pre = pre_plan(params["project"], Path(params["root"]), Path(params["stores_root"]), params["model"],
-                           params["backend"], params["chunk_tokens"], params["overlap_tokens"], params["include"],
-                           params["exclude"], params["python_layout"], rebuild,
-                           sources=SourceOptions.from_dict(params.get("sources")),
-                           quantization=params["purpose"].get("quantization"))
-            timings["preplan"] = round(time.perf_counter() - t0, 3)
-            click.echo(pre.headline(), err=True)
-            if pre.nothing_to_do:
-                summary = pre.summary()
-            else:
-                if not no_prefect:  # the API server starts now and comes up while the model loads
-                    from pipelines.runtime import start_prefect
+        params = ingest_mod.ingest_params(cfg, proj, stores=stores, model=model, backend=backend,
+                                          python_layout=python_layout, rebuild=rebuild, no_cache=no_cache,
+                                          ignore_files=False if no_ignore_files else None, move=move,
+                                          quantization=quantization)
+        pre = pre_plan(params["project"], Path(params["root"]), Path(params["stores_root"]), params["model"],
+                       params["backend"], params["chunk_tokens"], params["overlap_tokens"], params["include"],
+                       params["exclude"], params["python_layout"], rebuild,
+                       sources=SourceOptions.from_dict(params.get("sources")),
+                       quantization=params["purpose"].get("quantization"))
+        timings["preplan"] = round(time.perf_counter() - t0, 3)
+        click.echo(pre.headline(), err=True)
+        if pre.nothing_to_do:
+            summary = pre.summary()
+        else:
+            if not no_prefect:  # the API server starts now and comes up while the model loads
+                from pipelines.runtime import start_prefect
 
-                    runtime = start_prefect(cfg.prefect_home(), verbose=obj.verbose, attach=_prefect_attach(cfg))
-                    t = time.perf_counter()
-                    import pipelines.ingest_flow  # noqa: F401 - prefect itself, timed apart from the model
-
-                    timings["prefect_import"] = round(time.perf_counter() - t, 3)
+                runtime = start_prefect(cfg.prefect_home(), verbose=obj.verbose, attach=_prefect_attach(cfg))
                 t = time.perf_counter()
-                emb = _preload_embedder(params, flow=not no_prefect)
-                timings["model_load"] = round(time.perf_counter() - t, 3)
-                ingest_mod.set_progress(bar)
-                try:
-                    if no_prefect:
-                        summary = _run_local(params, emb)
-                    else:
-                        summary = _run_flow(params, runtime, cfg.task_runner.model_dump(), timings)
-                finally:
-                    bar.close()
-                    ingest_mod.set_progress(None)
-                if runtime is not None:
-                    t = time.perf_counter()
-                    runtime, rt = None, runtime
-                    rt.close()
-                    timings["prefect_stop"] = round(time.perf_counter() - t, 3)
-            summary["timings"] = {**timings, **summary.get("timings", {})}
-            known = sum(v for k, v in summary["timings"].items() if k not in ("startup", "shards"))
-            wall = time.perf_counter() - t0
-            summary["timings"]["other"] = round(max(0.0, wall - known), 3)
-            summary["timings"]["total"] = round(timings["startup"] + wall, 3)
+                import pipelines.ingest_flow  # noqa: F401 - prefect itself, timed apart from the model
+
+                timings["prefect_import"] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            emb = _preload_embedder(params, flow=not no_prefect)
+            timings["model_load"] = round(time.perf_counter() - t, 3)
+            ingest_mod.set_progress(bar)
+            try:
+                if no_prefect:
+                    summary = _run_local(params, emb)
+                else:
+                    summary = _run_flow(params, runtime, cfg.task_runner.model_dump(), timings)
+            finally:
+                bar.close()
+                ingest_mod.set_progress(None)
+            if runtime is not None:
+                t = time.perf_counter()
+                runtime, rt = None, runtime
+                rt.close()
+                timings["prefect_stop"] = round(time.perf_counter() - t, 3)
+        summary["timings"] = {**timings, **summary.get("timings", {})}
+        known = sum(v for k, v in summary["timings"].items() if k not in ("startup", "shards"))
+        wall = time.perf_counter() - t0
+        summary["timings"]["other"] = round(max(0.0, wall - known), 3)
+        summary["timings"]["total"] = round(timings["startup"] + wall, 3)
     except KeyboardInterrupt:
         bar.close()
         raise _interrupted("nothing was written; the store is as it was before this run")
@@ -425,75 +426,74 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
     mig.set_progress(bar)
     runtime = None
     try:
-        with _work_errors(obj, "migrate"):
-            if rollback:
-                newest = (mig.backups(Path(source)) or [None])[-1]
-                restored = mig.rollback(Path(source))
-                result = {"status": "rolled_back", "store": str(restored), "restored_from": str(newest)}
-                if as_json:
-                    _emit_json(result)
-                else:
-                    click.echo(f"rolled back {restored} from {newest}")
-                return
-            cfg = obj.config
-            declared = cfg.migration(source) if source and not Path(source).exists() else None
-            if source and declared is None and to is None:
-                names = ", ".join(m.name for m in cfg.migrations) or "none declared"
-                raise click.UsageError(f"--to is required: {source!r} is not a migration in flows.yaml ({names})")
-            if declared is not None and given:
-                raise click.UsageError(f"{source!r} is a migration declared in flows.yaml; {', '.join(given)} cannot "
-                                       "change it (edit flows.yaml, or give a store folder)")
-            use_flow = not (no_prefect or dry_run)
-            # Look first, cheaply: a target that already holds this migration is answered without the model.
-            quick = mig.look_unchanged(Path(source), to, config=cfg, out=Path(out) if out else None,
-                                       in_place=in_place, backend=backend, python_layout=python_layout,
-                                       quantization=quantization) if source and declared is None and not dry_run \
-                else None
-            if quick is not None:
-                use_flow = False
-            if use_flow and source and declared is None:  # bad input fails here, not as a failed flow run
-                from woolocal_ingest.legacy import detect_format
-
-                detect_format(source)
-                mig.resolve_embedder(to, cfg, backend, quantization)  # cached: the flow's task reuses it
-                # Look first: a target that already holds this migration needs neither Prefect nor the model. The
-                # dry run reads and compares only; the real call then answers `unchanged` (under the target's lock).
-                look = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
-                                         in_place=in_place, backend=backend, python_layout=python_layout,
-                                         dry_run=True, quantization=quantization)
-                if (look.plan or {}).get("action") == "unchanged":
-                    use_flow = False
-            elif use_flow:  # a declared migration, or --all: the same look first, per migration
-                looks = (mig.migrate_all(cfg, dry_run=True) if all_stores
-                         else [mig.run_one(declared, cfg, dry_run=True)] if declared is not None else [])
-                if looks and all((x.plan or {}).get("action") == "unchanged" for x in looks):
-                    use_flow = False  # every target already holds its migration: answered in-process
-            if use_flow:  # our own API server (ends with this process), or the one PREFECT_API_URL names
-                from pipelines.runtime import start_prefect
-
-                runtime = start_prefect(cfg.prefect_home(), verbose=obj.verbose, attach=_prefect_attach(cfg))
-                runtime.ready()
-                from pipelines.migrate_flow import run_migrate_flow
-            if all_stores:
-                if use_flow:
-                    with runtime.settings():
-                        results = run_migrate_flow(all_stores=True, dry_run=dry_run, config_path=obj.config_path)
-                else:
-                    results = [s.to_dict() for s in mig.migrate_all(cfg, dry_run=dry_run)]
-            elif use_flow:
-                with runtime.settings():
-                    results = run_migrate_flow(dict(name_or_source=source, to=to if declared is None else None,
-                                                    out=out, in_place=in_place, dry_run=dry_run, backend=backend,
-                                                    python_layout=python_layout, config_path=obj.config_path,
-                                                    quantization=quantization))
-            elif declared is not None:
-                results = mig.run_declared_migration(declared, cfg, dry_run=dry_run).to_dict()
-            elif quick is not None:
-                results = quick.to_dict()
+        if rollback:
+            newest = (mig.backups(Path(source)) or [None])[-1]
+            restored = mig.rollback(Path(source))
+            result = {"status": "rolled_back", "store": str(restored), "restored_from": str(newest)}
+            if as_json:
+                _emit_json(result)
             else:
-                results = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
-                                            in_place=in_place, backend=backend, python_layout=python_layout,
-                                            dry_run=dry_run, quantization=quantization).to_dict()
+                click.echo(f"rolled back {restored} from {newest}")
+            return
+        cfg = obj.config
+        declared = cfg.migration(source) if source and not Path(source).exists() else None
+        if source and declared is None and to is None:
+            names = ", ".join(m.name for m in cfg.migrations) or "none declared"
+            raise click.UsageError(f"--to is required: {source!r} is not a migration in flows.yaml ({names})")
+        if declared is not None and given:
+            raise click.UsageError(f"{source!r} is a migration declared in flows.yaml; {', '.join(given)} cannot "
+                                   "change it (edit flows.yaml, or give a store folder)")
+        use_flow = not (no_prefect or dry_run)
+        # Look first, cheaply: a target that already holds this migration is answered without the model.
+        quick = mig.look_unchanged(Path(source), to, config=cfg, out=Path(out) if out else None,
+                                   in_place=in_place, backend=backend, python_layout=python_layout,
+                                   quantization=quantization) if source and declared is None and not dry_run \
+            else None
+        if quick is not None:
+            use_flow = False
+        if use_flow and source and declared is None:  # bad input fails here, not as a failed flow run
+            from woolocal_ingest.legacy import detect_format
+
+            detect_format(source)
+            mig.resolve_embedder(to, cfg, backend, quantization)  # cached: the flow's task reuses it
+            # Look first: a target that already holds this migration needs neither Prefect nor the model. The
+            # dry run reads and compares only; the real call then answers `unchanged` (under the target's lock).
+            look = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
+                                     in_place=in_place, backend=backend, python_layout=python_layout,
+                                     dry_run=True, quantization=quantization)
+            if (look.plan or {}).get("action") == "unchanged":
+                use_flow = False
+        elif use_flow:  # a declared migration, or --all: the same look first, per migration
+            looks = (mig.migrate_all(cfg, dry_run=True) if all_stores
+                     else [mig.run_one(declared, cfg, dry_run=True)] if declared is not None else [])
+            if looks and all((x.plan or {}).get("action") == "unchanged" for x in looks):
+                use_flow = False  # every target already holds its migration: answered in-process
+        if use_flow:  # our own API server (ends with this process), or the one PREFECT_API_URL names
+            from pipelines.runtime import start_prefect
+
+            runtime = start_prefect(cfg.prefect_home(), verbose=obj.verbose, attach=_prefect_attach(cfg))
+            runtime.ready()
+            from pipelines.migrate_flow import run_migrate_flow
+        if all_stores:
+            if use_flow:
+                with runtime.settings():
+                    results = run_migrate_flow(all_stores=True, dry_run=dry_run, config_path=obj.config_path)
+            else:
+                results = [s.to_dict() for s in mig.migrate_all(cfg, dry_run=dry_run)]
+        elif use_flow:
+            with runtime.settings():
+                results = run_migrate_flow(dict(name_or_source=source, to=to if declared is None else None,
+                                                out=out, in_place=in_place, dry_run=dry_run, backend=backend,
+                                                python_layout=python_layout, config_path=obj.config_path,
+                                                quantization=quantization))
+        elif declared is not None:
+            results = mig.run_declared_migration(declared, cfg, dry_run=dry_run).to_dict()
+        elif quick is not None:
+            results = quick.to_dict()
+        else:
+            results = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
+                                        in_place=in_place, backend=backend, python_layout=python_layout,
+                                        dry_run=dry_run, quantization=quantization).to_dict()
     except KeyboardInterrupt:
         bar.close()
         raise _interrupted("the migration stopped; run it again to resume (nothing was replaced)")
@@ -554,25 +554,22 @@ def query(obj: _Ctx, store, text, k, filters, stores, mode, no_service, as_json)
     When a `woolocal serve` for the stores root is running, it answers (its model is loaded); otherwise the search
     runs here (imports and model load: seconds)."""
     flt = _parse_filter(filters)
-    try:
-        root = stores
-        if root is None and not Path(store).exists():
-            cfg = obj.config
-            root = cfg.stores_root(cfg.project(store))
-        out = None if no_service else _query_service(store, root, text, k, flt, mode)
-        via = "service"
-        if out is None:
-            from woolocal_ingest.api import open_store
+    root = stores
+    if root is None and not Path(store).exists():
+        cfg = obj.config
+        root = cfg.stores_root(cfg.project(store))
+    out = None if no_service else _query_service(store, root, text, k, flt, mode)
+    via = "service"
+    if out is None:
+        from woolocal_ingest.api import open_store
 
-            st = open_store(store, stores_root=root)
-            hits = st.search(text, k=k, filter=flt, mode=mode)
-            if st.drift.changed:  # rows Wooster or LangChain wrote since our last run: served, and said
-                click.echo(f"note: {st.path}: {st.drift.describe()}", err=True)
-            out = {"store": str(st.path), "model": st.manifest["model"]["name"], "dim": st.dim, "count": st.count,
-                   "query": text, "mode": mode, "results": [h.to_dict() for h in hits]}
-            via = "in-process"
-    except WoolocalError as e:
-        raise _fail(e)
+        st = open_store(store, stores_root=root)
+        hits = st.search(text, k=k, filter=flt, mode=mode)
+        if st.drift.changed:  # rows Wooster or LangChain wrote since our last run: served, and said
+            click.echo(f"note: {st.path}: {st.drift.describe()}", err=True)
+        out = {"store": str(st.path), "model": st.manifest["model"]["name"], "dim": st.dim, "count": st.count,
+               "query": text, "mode": mode, "results": [h.to_dict() for h in hits]}
+        via = "in-process"
     if as_json:
         _emit_json({**{k_: v for k_, v in out.items() if k_ != "count"}, "via": via})
         return
@@ -639,22 +636,19 @@ def eval_(obj: _Ctx, args, modes, split, stores, write_corpus, as_json):
         store, dataset = args
     else:
         raise click.UsageError("expected STORE DATASET, or --write-corpus DIR DATASET")
-    try:
-        if write_corpus:
-            n = write_beir_corpus(dataset, write_corpus)
-            click.echo(f"wrote {n} documents to {write_corpus}; next: woolocal ingest {write_corpus} --name NAME, "
-                       f"then woolocal eval <that store's folder> {dataset}", err=True)
-            return
-        data = load_eval_set(dataset, split=split)
-        from woolocal_ingest.api import open_store
+    if write_corpus:
+        n = write_beir_corpus(dataset, write_corpus)
+        click.echo(f"wrote {n} documents to {write_corpus}; next: woolocal ingest {write_corpus} --name NAME, "
+                   f"then woolocal eval <that store's folder> {dataset}", err=True)
+        return
+    data = load_eval_set(dataset, split=split)
+    from woolocal_ingest.api import open_store
 
-        root = stores
-        if root is None and not Path(store).exists():
-            cfg = obj.config
-            root = cfg.stores_root(cfg.project(store))
-        report = evaluate(open_store(store, stores_root=root), data, modes=modes or ("hybrid", "dense", "lexical"))
-    except WoolocalError as e:
-        raise _fail(e)
+    root = stores
+    if root is None and not Path(store).exists():
+        cfg = obj.config
+        root = cfg.stores_root(cfg.project(store))
+    report = evaluate(open_store(store, stores_root=root), data, modes=modes or ("hybrid", "dense", "lexical"))
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -673,16 +667,13 @@ def embed(model, backend, as_query, quantization, as_json):
     from woolocal_ingest.embedders import load_embedder
 
     texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    try:
-        emb = load_embedder(model, backend=backend, quantization=quantization)
-        if as_query:
-            import numpy as np
+    emb = load_embedder(model, backend=backend, quantization=quantization)
+    if as_query:
+        import numpy as np
 
-            vecs = np.stack([emb.embed_query(t) for t in texts]) if texts else np.zeros((0, emb.dim), "float32")
-        else:
-            vecs = emb.embed_documents(texts)
-    except WoolocalError as e:
-        raise _fail(e)
+        vecs = np.stack([emb.embed_query(t) for t in texts]) if texts else np.zeros((0, emb.dim), "float32")
+    else:
+        vecs = emb.embed_documents(texts)
     if as_json:
         _emit_json({"model": emb.model_name, "dim": emb.dim, "count": len(texts), "embeddings": vecs.tolist()})
     else:
@@ -711,41 +702,38 @@ def serve(obj: _Ctx, host, port, stores, config_path, log_level, quantization):
     """Serve embeddings (OpenAI-compatible), store search and chat RAG over HTTP."""
     from woolocal_ingest.embedders.openai_compat import is_loopback_host
 
-    try:
-        if config_path:
-            obj.config_path, obj._config = config_path, None
-        cfg = obj.config
-        if quantization is not None:  # every served purpose (and bare model) embeds at this precision
-            from woolocal_ingest.config import quantized_config
+    if config_path:
+        obj.config_path, obj._config = config_path, None
+    cfg = obj.config
+    if quantization is not None:  # every served purpose (and bare model) embeds at this precision
+        from woolocal_ingest.config import quantized_config
 
-            cfg = quantized_config(cfg, quantization)
-        host = host or cfg.service.host
-        port = port or cfg.service.port
-        env = cfg.service.api_key_env
-        key = os.environ.get(env) or None
-        loopback = is_loopback_host(host)
-        if not loopback and not key:
-            click.echo(f"error: refusing to bind {host}: it is not a loopback address, and a non-loopback bind "
-                       f"requires an API key. Set {env}=<a long random secret> (clients send it as "
-                       f"'Authorization: Bearer <key>'), or bind 127.0.0.1.", err=True)
-            raise click.exceptions.Exit(2)
-        import logging
+        cfg = quantized_config(cfg, quantization)
+    host = host or cfg.service.host
+    port = port or cfg.service.port
+    env = cfg.service.api_key_env
+    key = os.environ.get(env) or None
+    loopback = is_loopback_host(host)
+    if not loopback and not key:
+        click.echo(f"error: refusing to bind {host}: it is not a loopback address, and a non-loopback bind "
+                   f"requires an API key. Set {env}=<a long random secret> (clients send it as "
+                   f"'Authorization: Bearer <key>'), or bind 127.0.0.1.", err=True)
+        raise click.exceptions.Exit(2)
+    import logging
 
-        import uvicorn
+    import uvicorn
 
-        from woolocal_ingest.service.app import create_app
+    from woolocal_ingest.service.app import create_app
 
-        wlog = logging.getLogger("woolocal")
-        if not wlog.handlers:  # model load progress and errors, next to uvicorn's own lines
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
-            wlog.addHandler(handler)
-            wlog.setLevel(log_level.upper())
+    wlog = logging.getLogger("woolocal")
+    if not wlog.handlers:  # model load progress and errors, next to uvicorn's own lines
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        wlog.addHandler(handler)
+        wlog.setLevel(log_level.upper())
 
-        app = create_app(cfg, stores_root=Path(stores).resolve() if stores else None, api_key=key,
-                         require_key=not loopback)
-    except WoolocalError as e:
-        raise _fail(e)
+    app = create_app(cfg, stores_root=Path(stores).resolve() if stores else None, api_key=key,
+                     require_key=not loopback)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}"
     click.echo(f"woolocal serve: {url}/v1 (OpenAI-compatible embeddings; models: "
@@ -785,18 +773,15 @@ def stores_list(obj: _Ctx, stores_dir, as_json):
     from woolocal_ingest.manifest import read_manifest
     from woolocal_ingest.stores import list_stores
 
-    try:
-        root = _stores_root(obj, stores_dir)
-        rows = []
-        for p in list_stores(root):
-            try:
-                m = read_manifest(p)
-                rows.append({"store": str(p), "project": m.get("project"), "model": m.get("model", {}).get("name"),
-                             "dim": m.get("dim"), "count": m.get("count"), "created": m.get("created")})
-            except WoolocalError as e:
-                rows.append({"store": str(p), "error": str(e)})
-    except WoolocalError as e:
-        raise _fail(e)
+    root = _stores_root(obj, stores_dir)
+    rows = []
+    for p in list_stores(root):
+        try:
+            m = read_manifest(p)
+            rows.append({"store": str(p), "project": m.get("project"), "model": m.get("model", {}).get("name"),
+                         "dim": m.get("dim"), "count": m.get("count"), "created": m.get("created")})
+        except WoolocalError as e:
+            rows.append({"store": str(p), "error": str(e)})
     if as_json:
         _emit_json({"stores_root": str(root), "stores": rows})
         return
@@ -831,11 +816,8 @@ def stores_inspect(obj: _Ctx, store, stores_dir, as_json):
     """Show a store's manifest."""
     from woolocal_ingest.manifest import read_manifest
 
-    try:
-        path = _store_path(obj, store, stores_dir)
-        m = read_manifest(path)
-    except WoolocalError as e:
-        raise _fail(e)
+    path = _store_path(obj, store, stores_dir)
+    m = read_manifest(path)
     if as_json:
         _emit_json({"store": str(path), "manifest": m.to_dict()})
         return
@@ -867,10 +849,7 @@ def stores_verify(obj: _Ctx, store, stores_dir, as_json):
     from woolocal_ingest.coowned import read_current
     from woolocal_ingest.stores import list_stores, verify_store
 
-    try:
-        paths = [_store_path(obj, store, stores_dir)] if store else list_stores(_stores_root(obj, stores_dir))
-    except WoolocalError as e:
-        raise _fail(e)
+    paths = [_store_path(obj, store, stores_dir)] if store else list_stores(_stores_root(obj, stores_dir))
     results = {str(p): verify_store(p) for p in paths}
     drift: dict[str, list] = {}
     for p in paths:
@@ -903,13 +882,10 @@ def models_list(as_json):
     """Models this machine can load without a download: dim, max tokens, backends, size, memory once loaded."""
     from woolocal_ingest.embedders import available_models, backends_for
 
-    try:
-        rows = [{"name": m.name, "dim": m.dim, "max_tokens": m.max_tokens, "pooling": m.pooling,
-                 "model_type": m.model_type, "backends": backends_for(m), "origin": m.origin,
-                 "size_mb": round(m.size_bytes / 1e6, 1), "memory_mb": round(m.memory_bytes / 1e6, 1),
-                 "query_prefix": m.query_prefix, "path": str(m.path)} for m in available_models()]
-    except WoolocalError as e:
-        raise _fail(e)
+    rows = [{"name": m.name, "dim": m.dim, "max_tokens": m.max_tokens, "pooling": m.pooling,
+             "model_type": m.model_type, "backends": backends_for(m), "origin": m.origin,
+             "size_mb": round(m.size_bytes / 1e6, 1), "memory_mb": round(m.memory_bytes / 1e6, 1),
+             "query_prefix": m.query_prefix, "path": str(m.path)} for m in available_models()]
     if as_json:
         _emit_json({"models": rows})
         return
@@ -927,10 +903,7 @@ def models_pull(name):
     """Download NAME from the Hugging Face Hub, only when LOCALMLX_AUTO_DOWNLOAD=true (exit 2 otherwise)."""
     from woolocal_ingest.embedders import pull_model
 
-    try:
-        info = pull_model(name)
-    except WoolocalError as e:
-        raise _fail(e)
+    info = pull_model(name)
     click.echo(f"{info.name}: {info.dim}d at {info.path}")
 
 
@@ -941,10 +914,7 @@ def models_add(path, name):
     """Register a model folder (e.g. all-mpnet-base-v2 assembled from PyPI parts) so names resolve to it."""
     from woolocal_ingest.embedders import register_model
 
-    try:
-        info = register_model(Path(path), name)
-    except WoolocalError as e:
-        raise _fail(e)
+    info = register_model(Path(path), name)
     click.echo(f"registered {info.name}: {info.dim}d, max {info.max_tokens} tokens, {info.pooling} pooling")
 
 
@@ -978,9 +948,7 @@ def _cache_session(obj: _Ctx, stores_dir: str | None, cache_file: str | None):
         finally:
             c.close()
     except sqlite3.Error as e:
-        raise _fail(WoolocalError(f"embedding cache: {e}"))
-    except WoolocalError as e:
-        raise _fail(e)
+        raise WoolocalError(f"embedding cache: {e}") from None
 
 
 def _cache_options(f):
@@ -1068,11 +1036,8 @@ def schedule_serve(obj: _Ctx, port, ui, startup_timeout):
     """
     from pipelines.schedule_server import serve_schedules
 
-    try:
-        serve_schedules(obj.config, _config_file(obj), port=port or None, ui=ui, verbose=obj.verbose,
-                        startup_timeout=startup_timeout, echo=lambda s: click.echo(s, err=True))
-    except WoolocalError as e:
-        raise _fail(e)
+    serve_schedules(obj.config, _config_file(obj), port=port or None, ui=ui, verbose=obj.verbose,
+                    startup_timeout=startup_timeout, echo=lambda s: click.echo(s, err=True))
 
 
 @schedule.command("list")
@@ -1087,10 +1052,7 @@ def schedule_list(obj: _Ctx, count, as_json):
 
     from woolocal_ingest.schedules import api_url_for, declared_jobs, prefect_view
 
-    try:
-        cfg = obj.config
-    except WoolocalError as e:
-        raise _fail(e)
+    cfg = obj.config
     jobs = declared_jobs(cfg)
     url, url_source = api_url_for(cfg)
     view, prefect_error = None, None

@@ -756,13 +756,13 @@ class ModelFacts:
 
     name: str
     dim: int
-    files_sha256: str
+    files_sha256: str | None
     quantization: str | None
 
 
 def _facts(emb: "Embedder") -> ModelFacts:
     ident = _model_identity(emb)
-    return ModelFacts(emb.model_name, emb.dim, ident["files_sha256"], ident["quantization"])
+    return ModelFacts(emb.model_name, emb.dim, ident.get("files_sha256"), ident.get("quantization"))
 
 
 def _already_done(plan: _Plan, emb: "Embedder") -> str | None:
