@@ -254,3 +254,26 @@ def test_service_search_sees_a_wooster_write_without_restart(tmp_path, embedder,
         r = client.post(url, json={"vector": vec, "k": 1})
         assert r.status_code == 200, r.text
         assert r.json()["data"][0]["id"] == "wooster-memory-1" and r.json()["data"][0]["text"] == MEMORY
+
+
+def test_migration_out_target_keeps_rows_wooster_added_and_deleted(tmp_path, embedder, langchain_js):
+    """A store migrated with --out that Wooster then uses: the nightly re-run (source unchanged) adopts its new
+    memory and leaves the row it deleted deleted, instead of re-creating the store from the source."""
+    from test_migrate import expected_rows, make_js_store, write_config
+
+    from woolocal_ingest.config import load_config
+
+    src = make_js_store(tmp_path / "legacy", expected_rows()[:8])
+    out = tmp_path / "local" / "all-minilm-l6-v2-384d"
+    cfg = load_config(write_config(tmp_path))
+    first = migrate.migrate_store(src, "projects", config=cfg, out=out, embedder=embedder)
+    assert first.status == "migrated"
+    ids = Store(out).ids
+    js_write(langchain_js, out, tmp_path, add=[memory(embedder)], delete=[ids[0]])
+    again = migrate.migrate_store(src, "projects", config=cfg, out=out, embedder=embedder)
+    assert again.status == "migrated" and again.adoption["adopted"] == 1 and again.adoption["stayed_deleted"] == 1
+    assert again.embedded == 1  # only Wooster's row: every other vector is ours already
+    st = Store(out)
+    assert set(st.ids) == (set(ids) - {ids[0]}) | {"wooster-memory-1"}
+    assert verify_store(out) == [] and not st.drift.changed
+    assert migrate.migrate_store(src, "projects", config=cfg, out=out, embedder=embedder).status == "unchanged"
