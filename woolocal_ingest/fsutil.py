@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 __all__ = ["BACKUP_TAG", "FileState", "fsync_dir", "fsync_file", "make_backup", "rename_exchange", "sha256_file",
-           "snapshot", "stamp", "free_name", "swap_into_place"]
+           "snapshot", "stamp", "free_name", "swap_into_place", "write_text_atomic"]
 
 BACKUP_TAG = ".bak-"
 
@@ -47,6 +47,19 @@ def sha256_file(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file (a cache, a state record) so readers see the old or the new content, never a part: a temp
+    file beside it, then a rename. OSError propagates (the caller decides whether a read-only place matters)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rename_exchange(a: Path, b: Path) -> bool:

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from woolocal_ingest.documents import Skipped, SourceOptions, hash_sources, kept_files, parse, read_source
 from woolocal_ingest.errors import DocumentError, StoreError, WoolocalError
-from woolocal_ingest.fsutil import sha256_file
+from woolocal_ingest.fsutil import sha256_file, write_text_atomic
 from woolocal_ingest.manifest import read_manifest
 
 
@@ -112,9 +112,7 @@ def model_files_sha256(info) -> str:
         if len(known) > 64:  # a bounded memo, not a registry
             known = dict(list(known.items())[-64:])
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(_json.dumps(known), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, _json.dumps(known))
     except OSError:
         pass  # a read-only cache dir: hash every time
     return sha

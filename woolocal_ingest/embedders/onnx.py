@@ -37,7 +37,8 @@ import numpy as np
 from woolocal_ingest.embedders.base import TransformerEmbedder
 from woolocal_ingest.embedders.registry import ModelInfo
 from woolocal_ingest.errors import ConfigError
-from woolocal_ingest.fsutil import fsync_dir
+from woolocal_ingest.fsutil import fsync_dir, write_text_atomic
+from woolocal_ingest.state_dirs import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ def available_cores() -> int:
 
 
 def xdg_cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "woolocal" / "onnx"
+    """Where exports go when the model's folder is read-only: the user's cache directory."""
+    return user_cache_dir() / "onnx"
 
 
 def dir_writable(path: Path) -> bool:
@@ -363,12 +364,10 @@ class OnnxEmbedder(TransformerEmbedder):
             got = self._with_session(sess, [self.info.doc_prefix + t for t in texts])
             report = gate(ref, got, calibration=len(texts))
             with contextlib.suppress(OSError):
-                tmp = report_file.with_name(f".{report_file.name}.{os.getpid()}{TMP_SUFFIX}")
-                tmp.write_text(_json.dumps({"calibration_sha": texts_sha(texts), "int8_size": path.stat().st_size,
-                                            "int8_mtime_ns": path.stat().st_mtime_ns,
-                                            "settings": settings.to_dict(), "report": report.to_dict()}),
-                               encoding="utf-8")
-                os.replace(tmp, report_file)
+                write_text_atomic(report_file, _json.dumps({
+                    "calibration_sha": texts_sha(texts), "int8_size": path.stat().st_size,
+                    "int8_mtime_ns": path.stat().st_mtime_ns, "settings": settings.to_dict(),
+                    "report": report.to_dict()}))
         self.gate_report = report
         if report.passed:
             return sess

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from woolocal_ingest.embedders.registry import ModelInfo
+from woolocal_ingest.fsutil import write_text_atomic
+from woolocal_ingest.state_dirs import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,7 @@ def probe_enabled() -> bool:
 
 
 def probe_cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "woolocal" / "probe.json"
+    return user_cache_dir() / "probe.json"
 
 
 def machine_key() -> str:
@@ -98,9 +99,7 @@ def _write_cache(key: str, result: ProbeResult) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _read_cache()
         data[key] = asdict(result)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, indent=1))
     except OSError as e:  # a read-only home: the probe runs again next time
         log.warning("cannot cache the backend probe in %s: %s", path, e)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from woolocal_ingest.fsutil import write_text_atomic
 from woolocal_ingest.locks import pid_alive
 
 ANNOUNCE_FILE = ".woolocal-serve.json"
@@ -52,12 +53,9 @@ def announce(stores_root: Path, host: str, port: int, api_key_env: str | None) -
     None when the stores root does not exist or is not writable (the service then just is not discoverable)."""
     path = Path(stores_root) / ANNOUNCE_FILE
     body = json.dumps({"url": _local_url(host, port), "pid": os.getpid(), "api_key_env": api_key_env})
-    tmp = path.with_name(f".{ANNOUNCE_FILE}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(body, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, body)
     except OSError:
-        tmp.unlink(missing_ok=True)
         yield None
         return
     try:
