@@ -514,8 +514,9 @@ def _adopt_target(plan: _Plan, emb: "Embedder") -> None:
             have.add(i)
             plan.adoption.adopted += 1
     plan.adoption.kept = sum(1 for o in origin if o < 0)
-    plan.adoption.reembedded = sum(1 for c in rows if (c.id in rewritten or c.id in now and c.id not in
-                                                        {r.id for r in plan.rows}) and c.sha256 not in plan.trusted)
+    planned = {r.id for r in plan.rows}  # rows another writer added or rewrote: embedded unless we know the text
+    plan.adoption.reembedded = sum(1 for c in rows if (c.id in rewritten or c.id not in planned)
+                                   and c.sha256 not in plan.trusted)
     plan.rows, plan.origin, plan.tokens = rows, origin, tokens
 
 
