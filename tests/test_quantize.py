@@ -218,3 +218,84 @@ def test_unloadable_cached_int8_file_is_quantized_again(int8_model, tmp_path):
     q.write_bytes(b"\0not onnx" * 64)
     emb = OnnxEmbedder(read_model_info(dest, name=info.name), quantization="int8").load()
     assert emb.quantized_path == q and q.stat().st_size > 1_000_000 and emb.gate_report.passed
+
+
+def test_plan_mixed_keeps_the_widest_ranged_inputs_in_fp32_until_the_target():
+    """The planner's order and stopping rules, with a measure that records what it was asked to quantize."""
+    from woolocal_ingest.embedders.quantize import GateReport, Int8Settings, MatMulGroup, plan_mixed
+
+    groups = [MatMulGroup("a", ("qa", "ka", "va"), 300), MatMulGroup("b", ("down0",), 400),
+              MatMulGroup("c", ("down1",), 200), MatMulGroup("d", ("up0",), 100)]
+    ratios = {"a": 20.0, "b": 95.0, "c": 60.0, "d": 50.0}
+    gains = {"down0": 0.004, "down1": 0.003, "up0": 0.001, "qa": 0.0005}
+    asked = []
+
+    def measure(nodes):
+        asked.append(nodes)
+        m = 0.985 + sum(gains.get(n, 0.0) for n in nodes)
+        return GateReport(mean_cos=0.995, min_cos=m, top10_agreement=0.95, texts=10)
+
+    plan = plan_mixed(groups, ratios, Int8Settings(target_min_cos=0.99, max_fp32_share=0.8), measure)
+    assert asked == [(), ("down0",), ("down0", "down1")]  # widest range first; stops once the target is met
+    assert plan.fp32_nodes == ("down0", "down1") and plan.fp32_share == pytest.approx(0.6)
+    assert plan.report.min_cos >= 0.99 and [s["fp32_matmuls"] for s in plan.steps] == [0, 1, 2]
+
+    # the budget stops it before a group that would pass the share; the best measured plan is returned
+    asked.clear()
+    plan = plan_mixed(groups, ratios, Int8Settings(target_min_cos=0.999, max_fp32_share=0.45), measure)
+    assert asked == [(), ("down0",)] and plan.fp32_nodes == ("down0",)
+    # a target already met: nothing stays float32
+    asked.clear()
+    plan = plan_mixed(groups, ratios, Int8Settings(target_min_cos=0.98), measure)
+    assert asked == [()] and plan.fp32_nodes == () and plan.fp32_share == 0.0
+
+
+def test_shipped_int8_keeps_the_ffn_down_projections_it_needs_in_fp32(int8_model):
+    """On the real model the planner measures range/RMS through a probe model: the GELU outputs feeding the FFN
+    down-projections rank first, and as many stay float32 as the target needs; the file and the report agree."""
+    from woolocal_ingest.embedders.quantize import Int8Settings, matmul_groups
+
+    info, emb = int8_model
+    rep, settings = emb.gate_report, Int8Settings.for_this_cpu()
+    saved = json.loads(emb.quantized_path.with_name(emb.quantized_path.stem + ".gate.json").read_text())
+    steps = saved["mixed_precision_steps"]
+    assert steps[0]["fp32_matmuls"] == 0 and steps[0]["min_cos"] < settings.target_min_cos  # all-int8 misses it
+    assert all("intermediate_act_fn" in s["added"] for s in steps[1:])  # FFN down-projection inputs (GELU out)
+    assert rep.min_cos >= settings.target_min_cos or rep.fp32_share > settings.max_fp32_share - 0.06
+    assert rep.fp32_share <= settings.max_fp32_share and rep.fp32_matmuls == steps[-1]["fp32_matmuls"]
+    kept = matmul_groups(emb.quantized_path)
+    assert sum(len(g.nodes) for g in kept) == rep.fp32_matmuls
+    assert all(n.endswith("output/dense/MatMul") and "attention" not in n for g in kept for n in g.nodes)
+    assert not list(emb.quantized_path.parent.glob(".*.tmp"))  # no probe or candidate file left behind
+
+
+def test_store_sample_gate_refuses_what_the_calibration_gate_passed(int8_model, tmp_path):
+    """A broken int8 file whose cached calibration report says `passed` (the report was written for a good file of
+    the same size and time) is still caught by the store's own sample, and refused or - when asked - replaced by
+    float32."""
+    import os
+
+    from woolocal_ingest.embedders.onnx import OnnxEmbedder
+    from woolocal_ingest.embedders.quantize import QuantizationGateError
+
+    info, good = int8_model
+    broken = _broken_copy(info, tmp_path)
+    (q,) = list(broken.path.glob(".onnx-cache/*/model.int8-*.onnx"))
+    good_report = good.quantized_path.with_name(good.quantized_path.stem + ".gate.json")
+    forged = json.loads(good_report.read_text())
+    forged["int8_size"], forged["int8_mtime_ns"] = q.stat().st_size, q.stat().st_mtime_ns
+    q.with_name(q.stem + ".gate.json").write_text(json.dumps(forged))
+    texts = [p.read_text(encoding="utf-8")[:400] for p in sorted(SAMPLE.rglob("*.md"))] * 3
+
+    emb = OnnxEmbedder(broken, quantization="int8").load()
+    assert emb.gate_report.passed  # the calibration gate was answered from the (forged) cache
+    with pytest.raises(QuantizationGateError, match=r"store sample: ") as err:
+        emb.check_sample(texts)
+    assert err.value.report.store_texts > 0 and not err.value.report.passed
+
+    fb = OnnxEmbedder(broken, quantization="int8", on_gate_failure="fp32").load()
+    fb.check_sample(texts)
+    assert fb.quantization is None and fb.gate_report.fell_back
+    ref = OnnxEmbedder(broken).embed_documents(texts[:2])
+    assert np.allclose(fb.embed_documents(texts[:2]), ref, atol=1e-5)
+    assert os.path.getsize(q) > 0

@@ -182,10 +182,11 @@ class OnnxEmbedder(TransformerEmbedder):
 
     def __init__(self, info: ModelInfo, token_budget: int | None = None, max_batch: int | None = None,
                  threads: int | None = None, writable=None, exporter=None, quantization: str | None = None,
-                 on_gate_failure: str = "refuse"):
+                 on_gate_failure: str = "refuse", int8_settings=None):
         """`threads`: intra-op threads (default: the cores this process may use). `writable(path) -> bool` and
         `exporter(model_dir, dest)` replace `dir_writable` and `export_onnx` (tests, tools). `quantization`: None
-        (float32) or "int8"; `on_gate_failure`: "refuse" (raise QuantizationGateError) or "fp32" (fall back)."""
+        (float32) or "int8"; `on_gate_failure`: "refuse" (raise QuantizationGateError) or "fp32" (fall back);
+        `int8_settings`: a `quantize.Int8Settings` other than `Int8Settings.for_this_cpu()` (benchmarks, tests)."""
         from woolocal_ingest.embedders.quantize import ON_GATE_FAILURE, parse_quantization
 
         super().__init__(info, token_budget=token_budget, max_batch=max_batch)
@@ -203,6 +204,9 @@ class OnnxEmbedder(TransformerEmbedder):
         self.exported = False  # whether this instance ran the export (False: it loaded a cached one)
         self.onnx_path: Path | None = None
         self._session = None
+        self._observe = None  # (tensor names, callback): extra outputs of a probe model (int8 planning)
+        self.mixed_plan = None  # quantize.MixedPlan when this instance quantized the model
+        self.int8_settings = int8_settings
 
     # -- session -------------------------------------------------------------------------------------------------
 
@@ -284,6 +288,11 @@ class OnnxEmbedder(TransformerEmbedder):
     def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         feed = {n: np.ascontiguousarray(given[n], dtype=np.int64) for n in self.input_names}
+        if self._observe is not None:  # the int8 planner's probe: extra outputs, handed to its observer
+            names, observe = self._observe
+            outs = self.session.run([OUTPUT_NAME, *names], feed)
+            observe(dict(zip(names, outs[1:])))
+            return outs[0]
         return self.session.run([OUTPUT_NAME], feed)[0]
 
     # -- int8 ----------------------------------------------------------------------------------------------------
@@ -291,8 +300,6 @@ class OnnxEmbedder(TransformerEmbedder):
     def _quantize_into(self, settings):
         """The int8 model's path and session: found beside the export (or in the XDG cache when the export's folder
         is read-only), else quantized there now (also when a cached file does not load)."""
-        from woolocal_ingest.embedders.quantize import quantize_int8
-
         name = f"model.int8-{settings.key}.onnx"
         src = self.onnx_path
         folders = [src.parent] + [d for d in cache_dirs(self.info) if d != src.parent]
@@ -310,19 +317,72 @@ class OnnxEmbedder(TransformerEmbedder):
                 continue
             try:
                 d.mkdir(parents=True, exist_ok=True)
-                with _locked(d):
+                with _locked(d) as held:
                     final = d / name
                     if final.is_file():  # another process quantized it while this one waited for the lock
                         with contextlib.suppress(Exception):
                             return final, self._new_session(final)
+                    if held:  # under the lock, temp files are leftovers of killed quantizations
+                        for stale in d.glob(f".{name}.*{TMP_SUFFIX}"):
+                            with contextlib.suppress(OSError):
+                                stale.unlink()
                     log.info("quantizing %s to int8 in %s", self.info.name, d)
-                    final = write_export_atomically(src, d, lambda s_, dest: quantize_int8(s_, dest, settings),
+                    final = write_export_atomically(src, d, lambda s_, dest: self._quantize_mixed(s_, dest, settings),
                                                     filename=name)
             except OSError as e:
                 errors.append(f"{d}: {e}")
                 continue
             return final, self._new_session(final)
         raise OSError(f"no writable cache for the int8 model of {self.info.name}: " + "; ".join(errors))
+
+    def _quantize_mixed(self, src: Path, dest: Path, settings) -> None:
+        """Quantize `src` into `dest` with the widest-ranged MatMuls left in float32 as `quantize.plan_mixed`
+        decides, measuring each candidate against float32 on the calibration texts."""
+        from woolocal_ingest.embedders.quantize import (
+            calibration_texts, gate, matmul_groups, plan_mixed, quantize_int8, write_probe,
+        )
+
+        texts = [self.info.doc_prefix + t for t in calibration_texts()]
+        groups = matmul_groups(src)
+        probe = dest.with_name(dest.name.removesuffix(TMP_SUFFIX) + ".probe" + TMP_SUFFIX)  # a temp file too
+        try:
+            write_probe(src, probe, groups)
+            ratios = self._input_ranges(self._new_session(probe), [g.input for g in groups], texts)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                probe.unlink()
+        ref = self._fp32_vectors(texts)
+        measured: list[tuple] = []
+
+        def measure(nodes):
+            quantize_int8(src, dest, settings, nodes)
+            measured.append(nodes)
+            return gate(ref, self._with_session(self._new_session(dest), texts), calibration=len(texts))
+
+        plan = plan_mixed(groups, ratios, settings, measure)
+        if measured[-1] != plan.fp32_nodes:  # the best plan was not the last one measured
+            quantize_int8(src, dest, settings, plan.fp32_nodes)
+        self.mixed_plan = plan
+        log.info("int8 model of %s: %d MatMuls (%.0f%% of the weights) kept in float32, calibration min cosine "
+                 "%.4f", self.info.name, len(plan.fp32_nodes), 100 * plan.fp32_share, plan.report.min_cos)
+
+    def _input_ranges(self, probe, names: list[str], texts: list[str]) -> dict[str, float]:
+        """Median over the calibration batches of each tensor's range / RMS (`quantize.range_to_rms`), as the
+        per-batch dynamic quantization sees it."""
+        from woolocal_ingest.embedders.quantize import range_to_rms
+
+        seen: dict[str, list[float]] = {n: [] for n in names}
+
+        def observe(outputs: dict) -> None:
+            for n in names:
+                seen[n].append(range_to_rms(outputs[n]))
+
+        self._observe = (names, observe)
+        try:
+            self._with_session(probe, texts)
+        finally:
+            self._observe = None
+        return {n: float(np.median(v)) if v else 0.0 for n, v in seen.items()}
 
     def _fp32_vectors(self, texts: list[str]) -> np.ndarray:
         """Float32 vectors of `texts` through the float32 export (the gate's reference), same batching and pooling."""
@@ -341,10 +401,10 @@ class OnnxEmbedder(TransformerEmbedder):
         import json as _json
 
         from woolocal_ingest.embedders.quantize import (
-            GateReport, Int8Settings, calibration_texts, gate, gate_error, texts_sha,
+            GateReport, Int8Settings, calibration_texts, gate, gate_error, matmul_groups, texts_sha,
         )
 
-        settings = Int8Settings.for_this_cpu()
+        settings = self.int8_settings or Int8Settings.for_this_cpu()
         path, sess = self._quantize_into(settings)
         folder = path.parent
         self.quantized_path = path
@@ -363,11 +423,15 @@ class OnnxEmbedder(TransformerEmbedder):
             ref = self._fp32_vectors([self.info.doc_prefix + t for t in texts])
             got = self._with_session(sess, [self.info.doc_prefix + t for t in texts])
             report = gate(ref, got, calibration=len(texts))
+            kept, every = matmul_groups(path), matmul_groups(self.onnx_path)  # the file says what stayed float32
+            report.fp32_matmuls = sum(len(g.nodes) for g in kept)
+            report.fp32_share = sum(g.weights for g in kept) / max(1, sum(g.weights for g in every))
             with contextlib.suppress(OSError):
                 write_text_atomic(report_file, _json.dumps({
                     "calibration_sha": texts_sha(texts), "int8_size": path.stat().st_size,
                     "int8_mtime_ns": path.stat().st_mtime_ns, "settings": settings.to_dict(),
-                    "report": report.to_dict()}))
+                    "report": report.to_dict(),
+                    "mixed_precision_steps": self.mixed_plan.steps if self.mixed_plan is not None else None}))
         self.gate_report = report
         if report.passed:
             return sess
@@ -398,6 +462,7 @@ class OnnxEmbedder(TransformerEmbedder):
             rep.min_cos = min(rep.min_cos, cal.min_cos)
             rep.top10_agreement = min(rep.top10_agreement, cal.top10_agreement)
             rep.texts = cal.texts
+            rep.fp32_matmuls, rep.fp32_share = cal.fp32_matmuls, cal.fp32_share
             rep.failures = [f"calibration: {f}" for f in cal.failures] + [f"store sample: {f}" for f in rep.failures]
             rep.passed = not rep.failures
         self.gate_report = rep
