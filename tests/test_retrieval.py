@@ -172,10 +172,16 @@ def test_eval_on_a_tsv_set_and_cli(small, tmp_path, embedder):
     assert report.questions == 2 and set(report.modes) == {"hybrid", "dense", "lexical"}
     h = report.modes["hybrid"]
     assert h.mrr_10 == 1.0 and h.recall_100 == 1.0 and 0.5 < h.ndcg_10 <= 1.0
+    # per question, for paired comparisons of two stores; the mean is the mode's nDCG@10
+    data = load_eval_set(qs)
+    first = next(q for q in data.judged if data.queries[q].startswith("who keeps"))
+    assert set(h.ndcg_by_question) == set(data.judged) and h.ndcg_by_question[first] == 1.0
+    assert sum(h.ndcg_by_question.values()) / 2 == pytest.approx(h.ndcg_10, abs=1e-4)
     res = CliRunner().invoke(main, ["eval", str(small), str(qs), "--mode", "lexical", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert list(out["modes"]) == ["lexical"] and out["questions"] == 2
+    assert set(out["modes"]["lexical"]["ndcg_by_question"]) == set(data.judged)
 
 
 def test_beir_folder_round_trip_and_errors(tmp_path, embedder):

@@ -195,6 +195,7 @@ class ModeScores:
     mrr_10: float
     ms_per_query: float  # the search alone (query embedding apart: EvalReport.embed_ms), at depth CHUNK_DEPTH
     misses: list[str] = field(default_factory=list)  # questions with no relevant document in the top 10
+    ndcg_by_question: dict[str, float] = field(default_factory=dict)  # question id -> nDCG@10 (paired comparisons)
 
     def row(self) -> list[str]:
         return [f"{self.ndcg_10:.4f}", f"{self.recall_10:.4f}", f"{self.recall_100:.4f}", f"{self.mrr_10:.4f}",
@@ -272,13 +273,15 @@ def evaluate(store: "Store", data: EvalSet, modes: Sequence[str] = MODES, depth:
     for m in modes:
         sums = [0.0, 0.0, 0.0, 0.0]
         misses = []
+        per_q: dict[str, float] = {}
         t = time.perf_counter()
         for q in qids:
             rel = {d: g for d, g in data.qrels[q].items() if g > 0}
             hits = store.search(data.queries[q], k=depth, mode=m, vector=None if m == "lexical" else vectors[q])
             ranked = rank_documents(hits, known)
             top10 = ranked[:10]
-            sums[0] += _ndcg(ranked, data.qrels[q])
+            per_q[q] = _ndcg(ranked, data.qrels[q])
+            sums[0] += per_q[q]
             sums[1] += len(rel.keys() & set(top10)) / len(rel)
             sums[2] += len(rel.keys() & set(ranked[:100])) / len(rel)
             first = next((i for i, d in enumerate(top10, 1) if d in rel), None)
@@ -287,6 +290,7 @@ def evaluate(store: "Store", data: EvalSet, modes: Sequence[str] = MODES, depth:
                 misses.append(data.queries[q])
         ms = (time.perf_counter() - t) * 1000 / len(qids)
         n = len(qids)
-        out[m] = ModeScores(*(round(x / n, 4) for x in sums), ms_per_query=round(ms, 2), misses=misses)
+        out[m] = ModeScores(*(round(x / n, 4) for x in sums), ms_per_query=round(ms, 2), misses=misses,
+                            ndcg_by_question={q: round(v, 4) for q, v in per_q.items()})
     return EvalReport(str(store.path), str(data.path), data.format, len(qids), out,
                       embed_ms=round(statistics.median(embed_times), 2))
