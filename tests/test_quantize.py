@@ -299,3 +299,52 @@ def test_store_sample_gate_refuses_what_the_calibration_gate_passed(int8_model, 
     ref = OnnxEmbedder(broken).embed_documents(texts[:2])
     assert np.allclose(fb.embed_documents(texts[:2]), ref, atol=1e-5)
     assert os.path.getsize(q) > 0
+
+
+def test_quantization_flag_end_to_end_through_the_cli(int8_model, tmp_path):
+    """`--quantization int8` on ingest, migrate and embed: int8 stores with the gate in the manifest, fp32 refused
+    on them, int8 vectors close to fp32 but not equal."""
+    import yaml
+    from click.testing import CliRunner
+
+    from woolocal_ingest.api import open_store
+    from woolocal_ingest.cli import main
+    from woolocal_ingest.manifest import read_manifest
+
+    info, emb = int8_model
+    model = str(info.path)
+    cfg = tmp_path / "flows.yaml"
+    cfg.write_text(yaml.safe_dump({"version": 1, "defaults": {"stores_root": "stores"}, "cache": {"enabled": False},
+                                   "purposes": {"projects": {"model": model}, "userProfile": {"model": model}}}))
+    proj = tmp_path / "garden"
+    shutil.copytree(SAMPLE, proj)
+
+    def cli(*args, code=0, input=None):
+        r = CliRunner().invoke(main, ["--config", str(cfg), *args], input=input)
+        if code is not None:
+            assert r.exit_code == code, (args, r.exit_code, r.stdout[-2000:], r.stderr[-2000:], r.exception)
+        return r
+
+    out = json.loads(cli("ingest", str(proj), "--no-prefect", "--quantization", "int8", "--json").stdout)
+    m = read_manifest(Path(out["store"]))["model"]
+    assert m["quantization"] == "int8" and m["quantization_gate"]["passed"]
+    assert m["quantization_gate"]["fp32_matmuls"] == emb.gate_report.fp32_matmuls
+    r = cli("ingest", str(proj), "--no-prefect", "--quantization", "none", code=None)
+    assert r.exit_code != 0 and "int8" in r.stderr and "fp32" in r.stderr and "--rebuild" in r.stderr
+    inspect = cli("stores", "inspect", out["store"]).stdout
+    assert "precision int8" in inspect and "mean cosine" in inspect
+
+    src = tmp_path / "legacy"
+    shutil.copytree(Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "legacy-stores" /
+                    "js_openai1536_store", src)
+    mig = json.loads(cli("migrate", str(src), "--to", "projects", "--quantization", "int8", "--out",
+                         str(tmp_path / "migrated"), "--no-prefect", "--json").stdout)
+    store = open_store(Path(mig["store"]))
+    assert store.manifest["model"]["quantization"] == "int8" and store.count >= 219
+    assert getattr(store.embedder, "quantization", None) == "int8"  # queried with the int8 model
+
+    texts = "compost heaps need air\nconda create -n py311 python=3.11\n"
+    v8, v32 = (np.array(json.loads(cli("embed", "--model", model, *flags, "--json", input=texts).stdout)["embeddings"])
+               for flags in (("--quantization", "int8"), ("--backend", "onnx")))
+    cos = (v8 * v32).sum(1)
+    assert v8.shape == (2, 384) and np.all(cos > 0.98) and np.all(cos < 0.99999)
