@@ -5,8 +5,8 @@ quantization (`quantization: int8`) - ONNX Runtime int8, which must pass the acc
 candidate that cannot load or fails the gate is left out with its reason. Each embeds the same 48 texts of the
 packaged calibration set (after a warm-up), the arms alternating, twice; the median rate decides. The result is
 cached in `$XDG_CACHE_HOME/woolocal/probe.json` (default ~/.cache), keyed by the model's files, the machine (CPU
-model, cores this process may use, onnxruntime and torch versions) and whether int8 was allowed, so later runs pay
-nothing. `WOOLOCAL_PROBE=off` skips the probe (the static CPU default, as before; the test suite sets it).
+model, cores this process may use, onnxruntime and torch versions) and whether int8 was allowed (by its settings
+key: how int8 is made), so later runs pay nothing. `WOOLOCAL_PROBE=off` skips the probe (the static CPU default, as before; the test suite sets it).
 """
 
 from __future__ import annotations
@@ -83,7 +83,13 @@ def machine_key() -> str:
 
 
 def _cache_key(info: ModelInfo, allow_int8: bool) -> str:
-    return f"{info.files_sha256()[:16]}|{machine_key()}|int8={int(allow_int8)}"
+    """The model's files, the machine and - when int8 competes - how int8 is made (another quantization setting,
+    e.g. more float32 MatMuls, runs at another rate)."""
+    if not allow_int8:
+        return f"{info.files_sha256()[:16]}|{machine_key()}|int8=0"
+    from woolocal_ingest.embedders.quantize import Int8Settings
+
+    return f"{info.files_sha256()[:16]}|{machine_key()}|int8={Int8Settings.for_this_cpu().key}"
 
 
 def _read_cache() -> dict:
