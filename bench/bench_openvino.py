@@ -59,6 +59,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 MODEL_DIR = "/tmp/woolocal-bench-minilm"
 ORT_INT8 = "/tmp/q/models/dyn.onnx"
@@ -262,8 +263,10 @@ def main() -> None:
     ap.add_argument("--model-dir", default=MODEL_DIR, help="the packaged all-MiniLM-L6-v2 (HF folder)")
     ap.add_argument("--onnx", default=None,
                     help="its float32 ONNX export (default: <model-dir>/.onnx-cache/*/model.onnx)")
-    ap.add_argument("--ort-int8", default=ORT_INT8, help="the shipped ORT int8 model (quantize_dynamic)")
-    ap.add_argument("--texts", default=TEXTS, help="texts, one JSON string per line")
+    ap.add_argument("--ort-int8", default=ORT_INT8,
+                    help="an ORT int8 model (made if missing: quantize_dynamic of every MatMul, per-channel QInt8)")
+    ap.add_argument("--texts", default=TEXTS,
+                    help="texts, one JSON string per line (made if missing: 512 conda-docs chunks, a spread sample)")
     ap.add_argument("--ov-int8", default=OV_INT8, help="where the NNCF PTQ int8 IR is written / found")
     ap.add_argument("--ov-wc8", default=OV_WC8, help="where the NNCF weight-compressed IR is written / found")
     ap.add_argument("--rebuild-int8", action="store_true", help="build the NNCF models again even if present")
@@ -289,6 +292,19 @@ def main() -> None:
     model_dir = Path(a.model_dir)
     onnx = Path(a.onnx) if a.onnx else next(iter(sorted(model_dir.glob(".onnx-cache/*/model.onnx"))))
     emb = OnnxEmbedder(resolve_model(str(model_dir)), threads=a.threads)
+    if not Path(a.texts).is_file():  # a spread sample of the chunks `woolocal ingest` makes of conda-docs
+        from bench_engine import corpus_chunks
+
+        chunks = corpus_chunks(REPO.parent / "shared" / "corpora" / "conda-docs", emb)
+        Path(a.texts).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.texts).write_text("".join(json.dumps(c) + "\n" for c in chunks[::max(1, len(chunks) // 512)][:512]),
+                                 encoding="utf-8")
+    if not Path(a.ort_int8).is_file():  # every MatMul int8 (what was shipped when the run below was made)
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        Path(a.ort_int8).parent.mkdir(parents=True, exist_ok=True)
+        quantize_dynamic(str(onnx), a.ort_int8, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"])
     texts = [json.loads(line) for line in Path(a.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
     calib = calibration_texts()
     main_b, calib_b = Batches(emb, texts), Batches(emb, calib)
