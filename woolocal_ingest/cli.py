@@ -409,6 +409,7 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
     """Re-embed a LangChain JS/Python store or a woolocal store (SRC) with a local model, or run a migration
     declared in flows.yaml by NAME. Resumable after a kill; verified before it replaces anything."""
     from woolocal_ingest import migrate as mig
+    from woolocal_ingest.cli_format import format_summary, format_table
 
     given = [f for f, v in (("--to", to), ("--out", out), ("--in-place", in_place), ("--backend", backend),
                             ("--quantization", quantization),
@@ -508,15 +509,15 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
             _emit_json({"status": "failed" if failed else "ok", "failed": failed, "migrations": results})
         else:
             for s in results:
-                click.echo(mig.format_summary(s), err=True)
-            click.echo(mig.format_table(results))
+                click.echo(format_summary(s), err=True)
+            click.echo(format_table(results))
         if failed:
             raise click.exceptions.Exit(1)
         return
     if as_json:
         _emit_json(results)
     else:
-        click.echo(mig.format_summary(results))
+        click.echo(format_summary(results))
 
 
 # ---------------------------------------------------------------------------------------------------------------
