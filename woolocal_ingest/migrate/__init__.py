@@ -44,14 +44,17 @@ from woolocal_ingest.migrate.layouts import declared_migrations, default_project
 from woolocal_ingest.migrate.model import resolve_embedder
 from woolocal_ingest.migrate.plan import source_fingerprint
 from woolocal_ingest.migrate.rechunk import SPLIT_KEY
-from woolocal_ingest.migrate.run import migrate_all, migrate_store, run_declared_migration, run_one, set_progress
+from woolocal_ingest.migrate.request import MigrateRequest
+from woolocal_ingest.migrate.run import (
+    migrate_all, migrate_store, run_declared_migration, run_migration, run_one, run_or_fail, set_progress,
+)
 from woolocal_ingest.migrate.summary import MigrationSummary
 from woolocal_ingest.migrate.unchanged import look_unchanged
 
 __all__ = [
-    "BATCH_ENV", "EmptySourceError", "MigrationError", "MigrationInputError", "MigrationLockedError",
+    "BATCH_ENV", "EmptySourceError", "MigrateRequest", "MigrationError", "MigrationInputError", "MigrationLockedError",
     "MigrationSummary", "MigrationVerifyError", "NoBackupError", "SPLIT_KEY", "backups", "declared_migrations",
     "default_project", "look_unchanged", "migrate_all", "migrate_store",
     "resolve_embedder", "rollback",
-    "run_declared_migration", "run_one", "set_progress", "source_fingerprint",
+    "run_declared_migration", "run_migration", "run_one", "run_or_fail", "set_progress", "source_fingerprint",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -16,7 +17,6 @@ from woolocal_ingest.fsutil import fsync_dir, fsync_file
 from woolocal_ingest.migrate.errors import MigrationError
 from woolocal_ingest.migrate.model import _model_identity
 from woolocal_ingest.migrate.plan import Plan, rows_digest
-from woolocal_ingest.migrate.summary import MigrationSummary
 
 if TYPE_CHECKING:
     from woolocal_ingest.config import FlowsConfig
@@ -123,8 +123,21 @@ def _prepare_work(work: Path, key: dict) -> None:
         p.unlink(missing_ok=True)
 
 
-def embed_checkpointed(plan: Plan, emb: "Embedder", config: "FlowsConfig", progress: ProgressFn | None,
-                       summary: MigrationSummary) -> np.ndarray:
+@dataclass
+class Embedded:
+    """The vectors of a plan's rows, and how they came: batches in all, loaded from checkpoints, rows embedded
+    (of which served by the embedding cache)."""
+
+    vectors: np.ndarray
+    batches: int = 0
+    resumed_batches: int = 0
+    embedded: int = 0
+    cached: int = 0
+
+
+def embed_checkpointed(plan: Plan, emb: "Embedder", config: "FlowsConfig", progress: ProgressFn | None) -> Embedded:
+    """Every planned row's vector: vectors we already hold for the same text by the same model files, then the
+    valid checkpoint shards, then the rest embedded batch by batch (longest rows first), each batch checkpointed."""
     from woolocal_ingest.ingest import with_cache
 
     rows = plan.rows
@@ -148,7 +161,7 @@ def embed_checkpointed(plan: Plan, emb: "Embedder", config: "FlowsConfig", progr
             todo_rows.append(i)
     order = (sorted(todo_rows, key=lambda i: -plan.tokens[i]) if len(plan.tokens) == len(rows) else todo_rows)
     groups = [order[start:start + batch] for start in range(0, len(order), batch)]
-    summary.batches = len(groups)
+    out = Embedded(vectors, batches=len(groups))
     todo: list[int] = []
     for b, idx in enumerate(groups):
         path = work / _shard_name(b)
@@ -158,7 +171,7 @@ def embed_checkpointed(plan: Plan, emb: "Embedder", config: "FlowsConfig", progr
             todo.append(b)
         else:
             vectors[idx] = v
-            summary.resumed_batches += 1
+            out.resumed_batches += 1
     if progress:
         progress("total+", sum(len(groups[b]) for b in todo))
     # The embedding cache lives under the stores root the target belongs to: flows.yaml's, or, for an --out folder
@@ -178,6 +191,6 @@ def embed_checkpointed(plan: Plan, emb: "Embedder", config: "FlowsConfig", progr
                                  "two models - run the migration again")
         _write_shard(work / _shard_name(b), idx, part, v)
         vectors[idx] = v
-        summary.embedded += len(part)
-    summary.cached = int(getattr(cached, "hits", 0))
-    return vectors
+        out.embedded += len(part)
+    out.cached = int(getattr(cached, "hits", 0))
+    return out

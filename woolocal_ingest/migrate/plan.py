@@ -12,16 +12,20 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from woolocal_ingest.chunking import Chunk
-from woolocal_ingest.coowned import Adoption, CurrentStore
+from woolocal_ingest.coowned import Adoption, CurrentStore, read_current
+from woolocal_ingest.errors import StoreError
 from woolocal_ingest.fsutil import sha256_file
-from woolocal_ingest.legacy import LegacyStore, Problem
+from woolocal_ingest.legacy import LegacyStore, Problem, read_legacy_store
 from woolocal_ingest.manifest import NAME_RE, read_manifest
-from woolocal_ingest.migrate.errors import MigrationInputError
+from woolocal_ingest.migrate.errors import MigrationError, MigrationInputError
+from woolocal_ingest.migrate.layouts import default_project
 from woolocal_ingest.migrate.model import same_model
 from woolocal_ingest.migrate.rechunk import SPLIT_KEY, piece_metadata, split_text, token_limit
-from woolocal_ingest.stores import is_store, json_safe, json_safe_value
+from woolocal_ingest.migrate.request import MigrateRequest
+from woolocal_ingest.stores import is_store, json_safe, json_safe_value, truth_snapshot
 
 if TYPE_CHECKING:
+    from woolocal_ingest.config import FlowsConfig
     from woolocal_ingest.embedders.base import Embedder
 
 
@@ -56,6 +60,28 @@ class Plan:
     trusted: dict[str, np.ndarray] = field(default_factory=dict)  # text sha256 -> our vector (same model files)
     dropped: set[int] = field(default_factory=set)  # source chunks whose rows another writer deleted in the target
     adoption: Adoption = field(default_factory=Adoption)
+
+
+def read_plan(request: MigrateRequest, source: Path, target: Path, config: "FlowsConfig") -> Plan:
+    """The source read (old vectors aside) and the target as found: a plan with no rows yet. When the source is
+    the target, the rows other writers changed in it since our run are read with both layouts."""
+    snap = truth_snapshot(target) if target.is_dir() else None  # before reading: a racing write shows later
+    lg = read_legacy_store(source)
+    current = None
+    if is_store(target):
+        try:
+            current = read_current(target)  # what other writers (Wooster, LangChain Python) did since our run
+        except StoreError as e:
+            raise MigrationError(f"{target}: the store there cannot be read, so nothing was changed: {e}. Move it "
+                                 "aside (it may hold rows only it has) and run again") from None
+        if target == source and current.changed_outside:
+            lg.chunks = list(current.rows)  # both layouts' changes applied
+    fp, files = source_fingerprint(source)
+    layout = request.python_layout if request.python_layout is not None else (
+        True if lg.format == "langchain-python" else config.defaults.python_layout)
+    return Plan(source=source, target=target, in_place=request.in_place,
+                project=request.project or default_project(source), legacy=lg, fingerprint=fp, files=files,
+                python_layout=layout, current=current, snapshot=snap)
 
 
 def plan_rows(plan: Plan, emb: "Embedder") -> None:

@@ -5,26 +5,28 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from woolocal_ingest.coowned import read_current
+import numpy as np
+
 from woolocal_ingest.errors import StoreError, WoolocalError
 from woolocal_ingest.fsutil import make_backup, stamp
-from woolocal_ingest.legacy import LegacyStore, read_legacy_store
+from woolocal_ingest.legacy import LegacyStore
 from woolocal_ingest.manifest import read_manifest
 from woolocal_ingest.migrate.backup import put_back, target_lock
 from woolocal_ingest.migrate.checkpoints import ProgressFn, embed_checkpointed, work_dir
 from woolocal_ingest.migrate.errors import EmptySourceError, MigrationError, MigrationInputError, MigrationVerifyError
 from woolocal_ingest.migrate.layouts import declared_migrations, default_project
 from woolocal_ingest.migrate.model import resolve_embedder, uncached
-from woolocal_ingest.migrate.plan import Plan, adopt_target, check_target, plan_rows, source_fingerprint
+from woolocal_ingest.migrate.plan import Plan, adopt_target, check_target, plan_rows, read_plan, source_fingerprint
 from woolocal_ingest.migrate.rechunk import SPLIT_KEY
+from woolocal_ingest.migrate.request import MigrateRequest
 from woolocal_ingest.migrate.summary import MigrationSummary, problem_counts
 from woolocal_ingest.migrate.unchanged import already_done
 from woolocal_ingest.migrate.verify import verify_written
-from woolocal_ingest.stores import PARQUET, StoreChangedError, is_store, json_safe, store_dir, truth_snapshot, \
-    verify_store, write_store
+from woolocal_ingest.stores import PARQUET, StoreChangedError, is_store, json_safe, store_dir, verify_store, write_store
 
 if TYPE_CHECKING:
     from woolocal_ingest.config import FlowsConfig, MigrationConfig
@@ -106,71 +108,92 @@ def _estimate(plan: Plan, emb: "Embedder") -> dict:
 RACE_ATTEMPTS = 3  # runs in a row that find the target written by another program mid-run before giving up
 
 
-def migrate_store(source: Path, to: str, **kwargs: Any) -> MigrationSummary:
-    """Migrate one store (see the module docstring and `_migrate_once` for the arguments). When another program
-    (Wooster) writes into the target while the run works, nothing of its write is lost (nothing is swapped in, or
-    its version is put back) and the run starts again, adopting that write."""
+def migrate_store(source: Path, to: str, *, config: "FlowsConfig", out: Path | None = None, in_place: bool = False,
+                  backend: str | None = None, python_layout: bool | None = None, dry_run: bool = False,
+                  progress: ProgressFn | None = None, project: str | None = None,
+                  embedder: "Embedder | None" = None, name: str | None = None,
+                  quantization: str | None = None) -> MigrationSummary:
+    """Migrate one store: `run_migration` of the `MigrateRequest` these arguments make (see it for their meaning;
+    `embedder` overrides `to`'s, e.g. an embedder already loaded)."""
+    request = MigrateRequest(Path(source), to, out=Path(out) if out is not None else None, in_place=in_place,
+                             backend=backend, python_layout=python_layout, quantization=quantization,
+                             dry_run=dry_run, project=project, name=name)
+    return run_migration(request, config, progress=progress, embedder=embedder)
+
+
+def run_migration(request: MigrateRequest, config: "FlowsConfig", *, progress: ProgressFn | None = None,
+                  embedder: "Embedder | None" = None) -> MigrationSummary:
+    """Migrate one store. Raises on failure (`MigrationError` and the library's other errors; exit codes on them);
+    returns a summary with status `migrated`, `unchanged` or (dry run) `planned`. When another program (Wooster)
+    writes into the target while the run works, nothing of its write is lost (nothing is swapped in, or its
+    version is put back) and the run starts again, adopting that write."""
     for attempt in range(1, RACE_ATTEMPTS + 1):
         try:
-            return _migrate_once(source, to, **kwargs)
+            return _migrate_once(request, config, progress, embedder)
         except StoreChangedError:
             if attempt == RACE_ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
 
 
-def _migrate_once(source: Path, to: str, *, config: "FlowsConfig", out: Path | None = None, in_place: bool = False,
-                  backend: str | None = None, python_layout: bool | None = None, dry_run: bool = False,
-                  progress: ProgressFn | None = None, project: str | None = None,
-                  embedder: "Embedder | None" = None, name: str | None = None,
-                  quantization: str | None = None) -> MigrationSummary:
-    """Migrate one store once. Raises on failure (`MigrationError` and the library's other errors; exit codes on
-    them); returns a summary with status `migrated`, `unchanged` or (dry run) `planned`.
-
-    `to`: a purpose of flows.yaml or a model name/folder (`embedder` overrides both, e.g. an embedder already
-    loaded). `python_layout` None: the source's own layout decides for a LangChain Python store (True), else
-    flows.yaml's `defaults.python_layout`. `project`: the project of the default target (default: from the source).
-    """
+def _migrate_once(request: MigrateRequest, config: "FlowsConfig", progress: ProgressFn | None,
+                  embedder: "Embedder | None") -> MigrationSummary:
+    """Read and plan, then (under the target's lock) embed, verify and swap: once."""
     t0 = time.perf_counter()
     progress = progress if progress is not None else _progress
-    source = Path(source).expanduser().resolve()
-    if in_place and out is not None:
+    source = Path(request.source).expanduser().resolve()
+    if request.in_place and request.out is not None:
         raise MigrationInputError("give either an out folder or in_place, not both")
-    emb = embedder if embedder is not None else resolve_embedder(to, config, backend, quantization)
+    emb = embedder if embedder is not None else resolve_embedder(request.to, config, request.backend,
+                                                                 request.quantization)
     if hasattr(emb, "ensure_ready"):
         emb.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
-    if in_place:
-        target = source
-    elif out is not None:
-        target = Path(out).expanduser().resolve()
-    else:
-        target = store_dir(config.stores_root(), project or default_project(source), emb.info.slug, emb.dim).resolve()
-    summary = MigrationSummary(status="planned" if dry_run else "failed", source=str(source), store=str(target),
-                               name=name, model=emb.model_name, backend=emb.backend, dim=emb.dim, in_place=in_place)
-    timings = summary.timings
-
-    def read() -> Plan:
+    target = _target(request, source, config, emb)
+    summary = MigrationSummary(status="planned" if request.dry_run else "failed", source=str(source),
+                               store=str(target), name=request.name, model=emb.model_name, backend=emb.backend,
+                               dim=emb.dim, in_place=request.in_place)
+    plan = _read(request, source, target, config, summary)
+    _note_source(summary, plan)
+    check_target(plan, emb)
+    if request.dry_run:
+        return _dry_run(plan, emb, summary, t0)
+    with target_lock(target):
+        if source_fingerprint(source)[0] != plan.fingerprint:  # changed (or swapped by another run) meanwhile
+            plan = _read(request, source, target, config, summary)
+        reason = already_done(plan, emb)
+        if reason:
+            return _unchanged(summary, target, reason, t0)
+        _plan(plan, emb, summary)
+        vectors = _embed(plan, emb, config, progress, summary)
         t = time.perf_counter()
-        snap = truth_snapshot(target) if target.is_dir() else None  # before reading: a racing write shows later
-        lg = read_legacy_store(source)
-        current = None
-        if is_store(target):
-            try:
-                current = read_current(target)  # what other writers (Wooster, LangChain Python) did since our run
-            except StoreError as e:
-                raise MigrationError(f"{target}: the store there cannot be read, so nothing was changed: {e}. Move it "
-                                     "aside (it may hold rows only it has) and run again") from None
-            if target == source and current.changed_outside:
-                lg.chunks = list(current.rows)  # both layouts' changes applied
-        fp, files = source_fingerprint(source)
-        layout = python_layout if python_layout is not None else (
-            True if lg.format == "langchain-python" else config.defaults.python_layout)
-        p = Plan(source=source, target=target, in_place=in_place, project=project or default_project(source),
-                  legacy=lg, fingerprint=fp, files=files, python_layout=layout, current=current, snapshot=snap)
-        timings["read"] = round(time.perf_counter() - t, 3)
-        return p
+        previous = _previous_ids(plan)
+        backup = _write_verified(plan, emb, vectors)
+        summary.timings["write"] = round(time.perf_counter() - t, 3)
+    _note_written(summary, plan, previous, backup)
+    summary.seconds = round(time.perf_counter() - t0, 3)
+    return summary
 
-    plan = read()
+
+def _target(request: MigrateRequest, source: Path, config: "FlowsConfig", emb: "Embedder") -> Path:
+    """The store folder to write: the source (in place), `out`, or `<stores_root>/<project>/<slug>-<dim>d`."""
+    if request.in_place:
+        return source
+    if request.out is not None:
+        return Path(request.out).expanduser().resolve()
+    return store_dir(config.stores_root(), request.project or default_project(source), emb.info.slug,
+                     emb.dim).resolve()
+
+
+def _read(request: MigrateRequest, source: Path, target: Path, config: "FlowsConfig",
+          summary: MigrationSummary) -> Plan:
+    t = time.perf_counter()
+    plan = read_plan(request, source, target, config)
+    summary.timings["read"] = round(time.perf_counter() - t, 3)
+    return plan
+
+
+def _note_source(summary: MigrationSummary, plan: Plan) -> None:
+    """What was read from the source; `EmptySourceError` when it holds nothing to embed."""
     lg = plan.legacy
     summary.source_format, summary.source_dim, summary.source_count = lg.format, lg.dim, len(lg.chunks)
     summary.problems = [p.to_dict() for p in lg.problems]
@@ -178,94 +201,110 @@ def _migrate_once(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
     summary.python_layout = plan.python_layout
     if not lg.chunks:
         raise EmptySourceError(
-            f"{source}: nothing to migrate: the {lg.format} store holds no text (index ntotal {lg.ntotal}, dim "
+            f"{plan.source}: nothing to migrate: the {lg.format} store holds no text (index ntotal {lg.ntotal}, dim "
             f"{lg.dim}); nothing was written (an empty index aborts LangChain JS readers)")
-    check_target(plan, emb)
-
-    if dry_run:
-        reason = already_done(plan, emb)
-        t = time.perf_counter()
-        plan_rows(plan, emb)
-        adopt_target(plan, emb)
-        timings["plan"] = round(time.perf_counter() - t, 3)
-        _fill_plan_counts(summary, plan)
-        summary.plan = {"action": "unchanged" if reason else "migrate", "reason": reason, "target": str(target),
-                        "rows": len(plan.rows), "estimate": None if reason else _estimate(plan, emb)}
-        summary.message = reason or f"would write {len(plan.rows)} rows to {target}"
-        summary.seconds = round(time.perf_counter() - t0, 3)
-        return summary
-
-    with target_lock(target):
-        if source_fingerprint(source)[0] != plan.fingerprint:  # changed (or swapped by another run) meanwhile
-            plan = read()
-        reason = already_done(plan, emb)
-        if reason:
-            summary.status, summary.message = "unchanged", reason
-            if is_store(target):
-                summary.count = summary.unchanged = read_manifest(target).count
-            summary.seconds = round(time.perf_counter() - t0, 3)
-            return summary
-        t = time.perf_counter()
-        plan_rows(plan, emb)
-        adopt_target(plan, emb)
-        timings["plan"] = round(time.perf_counter() - t, 3)
-        _fill_plan_counts(summary, plan)
-        t = time.perf_counter()
-        vectors = embed_checkpointed(plan, emb, config, progress, summary)
-        timings["embed"] = round(time.perf_counter() - t, 3)
-        t = time.perf_counter()
-        previous = _previous_ids(plan)
-        backup: list[Path] = []
-
-        def before_swap(tmp: Path) -> None:
-            problems = verify_written(tmp, plan, emb)
-            if problems:
-                raise MigrationVerifyError(f"{target}: the migrated store failed verification, nothing was swapped "
-                                           "in: " + "; ".join(problems))
-            if in_place:
-                backup.append(make_backup(source))
-
-        try:
-            write_store(target, plan.rows, vectors, _manifest(plan, emb), python_layout=plan.python_layout,
-                        before_swap=before_swap, expect=plan.snapshot)
-        except MigrationVerifyError:
-            shutil.rmtree(work_dir(target), ignore_errors=True)  # its shards made a store that failed: not reused
-            raise
-        except StoreChangedError:
-            for b in backup:  # the backup was of the version another writer has since changed: not a backup of ours
-                shutil.rmtree(b, ignore_errors=True)
-            raise
-        except StoreError as e:
-            raise MigrationError(f"{target}: writing the migrated store failed, the previous one is as it was: {e}") \
-                from e
-        after = verify_store(target)
-        if after:
-            if backup:
-                put_back(target, backup[0], f".{target.name}.failed-{stamp()}")
-            raise MigrationVerifyError(f"{target}: the swapped-in store failed verification"
-                                       + (f"; the previous store was restored from {backup[0]}" if backup else "")
-                                       + ": " + "; ".join(after))
-        shutil.rmtree(work_dir(target), ignore_errors=True)
-        timings["write"] = round(time.perf_counter() - t, 3)
-    new_ids = [c.id for c in plan.rows]
-    summary.status, summary.written = "migrated", True
-    summary.adoption = plan.adoption.to_dict()
-    summary.backup = str(backup[0]) if backup else None
-    summary.count = len(new_ids)
-    summary.added = sum(1 for i in new_ids if i not in previous)
-    summary.updated = len(new_ids) - summary.added
-    summary.deleted = len(previous - set(new_ids))
-    summary.message = (f"{summary.count} rows written to {target}" + (f"; previous store kept at {summary.backup}"
-                                                                     if summary.backup else ""))
-    summary.seconds = round(time.perf_counter() - t0, 3)
-    return summary
 
 
-def _fill_plan_counts(summary: MigrationSummary, plan: Plan) -> None:
+def _plan(plan: Plan, emb: "Embedder", summary: MigrationSummary) -> None:
+    """The rows of the new store: re-chunked, other writers' changes to the target adopted."""
+    t = time.perf_counter()
+    plan_rows(plan, emb)
+    adopt_target(plan, emb)
+    summary.timings["plan"] = round(time.perf_counter() - t, 3)
     summary.count = len(plan.rows)
     summary.rechunked = len(plan.split)
     summary.pieces = sum(len(v) for v in plan.split.values())
     summary.problems = [p.to_dict() for p in plan.legacy.problems + plan.problems]
+
+
+def _dry_run(plan: Plan, emb: "Embedder", summary: MigrationSummary, t0: float) -> MigrationSummary:
+    """The plan and a measured estimate; nothing written, no lock taken."""
+    reason = already_done(plan, emb)
+    _plan(plan, emb, summary)
+    summary.plan = {"action": "unchanged" if reason else "migrate", "reason": reason, "target": str(plan.target),
+                    "rows": len(plan.rows), "estimate": None if reason else _estimate(plan, emb)}
+    summary.message = reason or f"would write {len(plan.rows)} rows to {plan.target}"
+    summary.seconds = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+def _unchanged(summary: MigrationSummary, target: Path, reason: str, t0: float) -> MigrationSummary:
+    summary.status, summary.message = "unchanged", reason
+    if is_store(target):
+        summary.count = summary.unchanged = read_manifest(target).count
+    summary.seconds = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+def _embed(plan: Plan, emb: "Embedder", config: "FlowsConfig", progress: ProgressFn | None,
+           summary: MigrationSummary) -> np.ndarray:
+    t = time.perf_counter()
+    done = embed_checkpointed(plan, emb, config, progress)
+    summary.batches, summary.resumed_batches = done.batches, done.resumed_batches
+    summary.embedded, summary.cached = done.embedded, done.cached
+    summary.timings["embed"] = round(time.perf_counter() - t, 3)
+    return done.vectors
+
+
+@dataclass
+class _BeforeSwap:
+    """What `write_store` runs between writing the new folder and swapping it in: the migration's verification,
+    then, in place, the backup of the store it replaces (`backup`, once made)."""
+
+    plan: Plan
+    emb: "Embedder"
+    backup: Path | None = None
+
+    def __call__(self, tmp: Path) -> None:
+        problems = verify_written(tmp, self.plan, self.emb)
+        if problems:
+            raise MigrationVerifyError(f"{self.plan.target}: the migrated store failed verification, nothing was "
+                                       "swapped in: " + "; ".join(problems))
+        if self.plan.in_place:
+            self.backup = make_backup(self.plan.source)
+
+
+def _write_verified(plan: Plan, emb: "Embedder", vectors: np.ndarray) -> Path | None:
+    """Write the new store, verify it, swap it in (the caller holds the lock) and verify it again; the work folder
+    is removed. Returns the in-place backup, if one was made. A failure leaves the previous store as it was."""
+    target = plan.target
+    guard = _BeforeSwap(plan, emb)
+    try:
+        write_store(target, plan.rows, vectors, _manifest(plan, emb), python_layout=plan.python_layout,
+                    before_swap=guard, expect=plan.snapshot)
+    except MigrationVerifyError:
+        shutil.rmtree(work_dir(target), ignore_errors=True)  # its shards made a store that failed: not reused
+        raise
+    except StoreChangedError:
+        if guard.backup is not None:  # of the version another writer has since changed: not a backup of ours
+            shutil.rmtree(guard.backup, ignore_errors=True)
+        raise
+    except StoreError as e:
+        raise MigrationError(f"{target}: writing the migrated store failed, the previous one is as it was: {e}") \
+            from e
+    after = verify_store(target)
+    if after:
+        if guard.backup is not None:
+            put_back(target, guard.backup, f".{target.name}.failed-{stamp()}")
+        raise MigrationVerifyError(f"{target}: the swapped-in store failed verification"
+                                   + (f"; the previous store was restored from {guard.backup}"
+                                      if guard.backup is not None else "")
+                                   + ": " + "; ".join(after))
+    shutil.rmtree(work_dir(target), ignore_errors=True)
+    return guard.backup
+
+
+def _note_written(summary: MigrationSummary, plan: Plan, previous: set[str], backup: Path | None) -> None:
+    new_ids = [c.id for c in plan.rows]
+    summary.status, summary.written = "migrated", True
+    summary.adoption = plan.adoption.to_dict()
+    summary.backup = str(backup) if backup else None
+    summary.count = len(new_ids)
+    summary.added = sum(1 for i in new_ids if i not in previous)
+    summary.updated = len(new_ids) - summary.added
+    summary.deleted = len(previous - set(new_ids))
+    summary.message = (f"{summary.count} rows written to {plan.target}"
+                       + (f"; previous store kept at {summary.backup}" if summary.backup else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,23 +314,27 @@ def _fill_plan_counts(summary: MigrationSummary, plan: Plan) -> None:
 def run_declared_migration(m: "MigrationConfig", config: "FlowsConfig", dry_run: bool = False,
                            progress: ProgressFn | None = None) -> MigrationSummary:
     """One `migrations:` entry of flows.yaml (or one store found under `wooster.root`); raises on failure."""
-    return migrate_store(config.resolve_path(m.source), m.to, config=config,
-                         out=config.resolve_path(m.out) if m.out is not None else None, in_place=m.in_place,
-                         python_layout=m.python_layout, dry_run=dry_run, progress=progress, name=m.name)
+    return run_migration(MigrateRequest.declared(m, config, dry_run=dry_run), config, progress=progress)
+
+
+def run_or_fail(request: MigrateRequest, config: "FlowsConfig", *,
+                progress: ProgressFn | None = None) -> MigrationSummary:
+    """`run_migration`, but a failure becomes a summary with status `failed` (for bulk runs)."""
+    t0 = time.perf_counter()
+    try:
+        return run_migration(request, config, progress=progress)
+    except Exception as e:
+        return MigrationSummary(status="failed", source=str(request.source), name=request.name,
+                                store=str(request.out) if request.out is not None else "", in_place=request.in_place,
+                                error=f"{type(e).__name__}: {e}" if not isinstance(e, WoolocalError) else str(e),
+                                exit_code=int(getattr(e, "exit_code", 1)), message="failed",
+                                seconds=round(time.perf_counter() - t0, 3))
 
 
 def run_one(m: "MigrationConfig", config: "FlowsConfig", dry_run: bool = False,
             progress: ProgressFn | None = None) -> MigrationSummary:
     """`run_declared_migration`, but a failure becomes a summary with status `failed` (for bulk runs)."""
-    t0 = time.perf_counter()
-    try:
-        return run_declared_migration(m, config, dry_run=dry_run, progress=progress)
-    except Exception as e:
-        return MigrationSummary(status="failed", source=str(config.resolve_path(m.source)), name=m.name,
-                                store=str(config.resolve_path(m.out)) if m.out else "", in_place=m.in_place,
-                                error=f"{type(e).__name__}: {e}" if not isinstance(e, WoolocalError) else str(e),
-                                exit_code=int(getattr(e, "exit_code", 1)), message="failed",
-                                seconds=round(time.perf_counter() - t0, 3))
+    return run_or_fail(MigrateRequest.declared(m, config, dry_run=dry_run), config, progress=progress)
 
 
 def migrate_all(config: "FlowsConfig", *, dry_run: bool = False,

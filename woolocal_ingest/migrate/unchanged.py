@@ -13,6 +13,7 @@ from woolocal_ingest.manifest import read_manifest
 from woolocal_ingest.migrate.layouts import default_project
 from woolocal_ingest.migrate.model import ModelFacts, model_facts
 from woolocal_ingest.migrate.plan import Plan, source_fingerprint
+from woolocal_ingest.migrate.request import MigrateRequest
 from woolocal_ingest.migrate.summary import MigrationSummary
 from woolocal_ingest.stores import is_store, store_dir, verify_store
 
@@ -54,24 +55,22 @@ def _unchanged_reason(target: Path, source: Path, fingerprint: str, python_layou
     return None
 
 
-def look_unchanged(source: Path, to: str, *, config: "FlowsConfig", out: Path | None = None, in_place: bool = False,
-                   backend: str | None = None, python_layout: bool | None = None,
-                   quantization: str | None = None) -> MigrationSummary | None:
+def look_unchanged(request: MigrateRequest, config: "FlowsConfig") -> MigrationSummary | None:
     """A cheap look before a migration: the `unchanged` summary when the target already holds this migration of
-    `source` (same source files, same model files and precision, no other writer's rows to adopt), found without
-    loading the model (registry facts and the remembered sha256 of its files); None when there may be work, or
-    when it cannot tell cheaply (a remote backend, an unknown name): the full run decides."""
+    the request's source (same source files, same model files and precision, no other writer's rows to adopt),
+    found without loading the model (registry facts and the remembered sha256 of its files); None when there may be
+    work, or when it cannot tell cheaply (a remote backend, an unknown name): the full run decides."""
     from woolocal_ingest.embedders import pick_backend, resolve_model
     from woolocal_ingest.legacy import detect_format
     from woolocal_ingest.preplan import model_files_sha256
 
     t0 = time.perf_counter()
     try:
-        source = Path(source).expanduser().resolve()
-        purpose = config.purposes.get(to)
-        model = purpose.model if purpose is not None else to
-        be = backend or (purpose.backend if purpose is not None else "auto")
-        quant = quantization or (purpose.quantization if purpose is not None else None)
+        source = Path(request.source).expanduser().resolve()
+        purpose = config.purposes.get(request.to)
+        model = purpose.model if purpose is not None else request.to
+        be = request.backend or (purpose.backend if purpose is not None else "auto")
+        quant = request.quantization or (purpose.quantization if purpose is not None else None)
         if be == "openai-compatible" or (purpose is not None and purpose.endpoint):
             return None
         info = resolve_model(model)
@@ -79,10 +78,11 @@ def look_unchanged(source: Path, to: str, *, config: "FlowsConfig", out: Path | 
         if choice.backend not in ("sentence-transformers", "onnx"):
             return None
         facts = ModelFacts(info.name, info.dim, model_files_sha256(info), choice.quantization)
-        target = (source if in_place else Path(out).expanduser().resolve() if out is not None
-                  else store_dir(config.stores_root(), default_project(source), info.slug, info.dim).resolve())
+        target = (source if request.in_place else Path(request.out).expanduser().resolve() if request.out is not None
+                  else store_dir(config.stores_root(), request.project or default_project(source), info.slug,
+                                      info.dim).resolve())
         fmt = detect_format(source)
-        layout = python_layout if python_layout is not None else (
+        layout = request.python_layout if request.python_layout is not None else (
             True if fmt == "langchain-python" else config.defaults.python_layout)
         current = read_current(target) if is_store(target) else None
         reason = _unchanged_reason(target, source, source_fingerprint(source)[0], layout, facts, fmt == "woolocal",
@@ -93,5 +93,6 @@ def look_unchanged(source: Path, to: str, *, config: "FlowsConfig", out: Path | 
         return None
     count = read_manifest(target).count
     return MigrationSummary(status="unchanged", source=str(source), store=str(target), model=info.name,
-                            backend=choice.backend, dim=info.dim, count=count, unchanged=count, in_place=in_place,
+                            backend=choice.backend, dim=info.dim, count=count, unchanged=count,
+                            in_place=request.in_place,
                             message=reason, seconds=round(time.perf_counter() - t0, 3))
