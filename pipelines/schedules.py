@@ -6,9 +6,10 @@ to a project's model or a migration's target applies at the next run without a r
 - `woolocal-scheduled-ingest` (deployment `ingest-<project>`): the ingest flow for one declared project, as a
   subflow. Unchanged files are not embedded again and an unchanged store is not rewritten; the run logs
   "nothing changed" and returns status "unchanged".
-- `woolocal-scheduled-migration` (deployment `migrate-<name>`): `woolocal_ingest.migrate.run_declared_migration`,
-  status "migrated", "unchanged" (the source has not changed since the last migration: nothing re-embedded) or
-  "failed" (the flow run ends Failed; the previous store keeps serving).
+- `woolocal-scheduled-migration` (deployment `migrate-<name>`): `woolocal_ingest.migrate.run_migration` of the
+  migration's `MigrateRequest` (built from flows.yaml at run time), status "migrated", "unchanged" (the source has
+  not changed since the last migration: nothing re-embedded) or "failed" (the flow run ends Failed; the previous
+  store keeps serving).
 
 Deployments use module-path entrypoints (`pipelines.schedules.scheduled_ingest`): nothing depends on the working
 directory. Each has `concurrency_limit=1` (a run that comes due while the previous one of the same deployment still
@@ -121,15 +122,16 @@ def _ingest(log, config_path: str, project: str) -> dict:
 
 
 def _migrate(log, config_path: str, migration: str) -> dict:
-    from woolocal_ingest.migrate import MigrationLockedError, run_declared_migration
+    from woolocal_ingest.migrate import MigrateRequest, MigrationLockedError, run_migration
 
     cfg = _load(config_path)
     m = cfg.migration(migration)
     if m is None:
         raise ConfigError(f"{config_path}: no migration named {migration!r} any more (restart `woolocal schedule "
                           "serve` after removing a scheduled migration)")
+    request = MigrateRequest.declared(m, cfg)
     try:
-        summary = run_declared_migration(m, cfg)  # raises on failure: the run fails, the old store serves on
+        summary = run_migration(request, cfg)  # raises on failure: the run fails, the old store serves on
     except MigrationLockedError as e:
         log.warning("migration %s: %s; skipping this run (nothing touched)", migration, e)
         return {"status": "skipped", "name": migration, "reason": str(e)}

@@ -23,6 +23,8 @@ import yaml
 from click.testing import CliRunner
 
 from woolocal_ingest import migrate
+from woolocal_ingest.migrate import checkpoints
+from woolocal_ingest.migrate.backup import target_lock
 from woolocal_ingest.cli import main
 from woolocal_ingest.config import PurposeConfig, load_config
 from woolocal_ingest.api import open_store
@@ -149,7 +151,7 @@ def seeded(monkeypatch, embedder):
     """The CLI's target-model cache holding the session embedder for the test config's purposes (no reload)."""
     cache = {("purpose", p, PurposeConfig(model=MODEL).model_dump_json(), None): embedder
              for p in ("projects", "userProfile")}
-    monkeypatch.setattr(migrate, "_EMBEDDERS", cache)
+    monkeypatch.setattr("woolocal_ingest.migrate.model._EMBEDDERS", cache)
     return cache
 
 
@@ -404,8 +406,8 @@ def test_verification_failure_leaves_the_store_as_it_was(tmp_path, rows, embedde
     is swapped in, no backup is made, the source is byte-identical, the untrusted shards are removed."""
     vs = _wooster(tmp_path, rows[20:28])
     original = tree_hash(vs)
-    real = migrate._embed_rows
-    monkeypatch.setattr(migrate, "_embed_rows", lambda emb, texts, p: real(emb, texts, p)[::-1].copy())
+    real = checkpoints._embed_rows
+    monkeypatch.setattr(checkpoints, "_embed_rows", lambda emb, texts, p: real(emb, texts, p)[::-1].copy())
     with pytest.raises(migrate.MigrationVerifyError, match="self-retrieval"):
         migrate.migrate_store(vs, "projects", config=load_config(write_config(tmp_path)), in_place=True,
                               embedder=embedder)
@@ -416,7 +418,7 @@ def test_verification_failure_leaves_the_store_as_it_was(tmp_path, rows, embedde
 def test_a_second_run_of_the_same_target_fails_fast(tmp_path, rows, embedder, seeded):
     vs = _wooster(tmp_path, rows[:3])
     cfg = write_config(tmp_path)
-    with migrate._target_lock(vs):
+    with target_lock(vs):
         t = time.perf_counter()
         with pytest.raises(migrate.MigrationLockedError, match=f"another migration of this store is running \\(pid "
                                                                f"{os.getpid()}"):
@@ -436,7 +438,7 @@ def test_checkpoints_resume_and_are_discarded_when_source_or_model_change(tmp_pa
     cfg = load_config(write_config(tmp_path))
     out = tmp_path / "out" / "tiny-32d"
     work = out.parent / ".tiny-32d.migrate-work"
-    real, calls = migrate._embed_rows, []
+    real, calls = checkpoints._embed_rows, []
 
     def dying(emb, texts, p):
         calls.append(len(texts))
@@ -444,7 +446,7 @@ def test_checkpoints_resume_and_are_discarded_when_source_or_model_change(tmp_pa
             raise RuntimeError("killed")
         return real(emb, texts, p)
 
-    monkeypatch.setattr(migrate, "_embed_rows", dying)
+    monkeypatch.setattr(checkpoints, "_embed_rows", dying)
     with pytest.raises(RuntimeError):
         migrate.migrate_store(src, "projects", config=cfg, out=out, embedder=embedder)
     assert sorted(p.name for p in work.glob("batch-*.parquet")) == ["batch-000000.parquet", "batch-000001.parquet"]
@@ -452,7 +454,7 @@ def test_checkpoints_resume_and_are_discarded_when_source_or_model_change(tmp_pa
     key = json.loads((work / "key.json").read_text())
     assert key["source_fingerprint"] == migrate.source_fingerprint(src)[0] and key["batch"] == 3
     # Another model identity: the shards are not used (and are replaced).
-    monkeypatch.setattr(migrate, "_model_identity", lambda emb: {"name": "other"})
+    monkeypatch.setattr(checkpoints, "_model_identity", lambda emb: {"name": "other"})
     with pytest.raises(RuntimeError):
         migrate.migrate_store(src, "projects", config=cfg, out=out, embedder=embedder)
     assert json.loads((work / "key.json").read_text())["model"] == {"name": "other"}
@@ -460,21 +462,21 @@ def test_checkpoints_resume_and_are_discarded_when_source_or_model_change(tmp_pa
     monkeypatch.setenv(migrate.BATCH_ENV, "3")
     # Resume: a dying run with the real identity again leaves 2 shards; then a clean run loads them.
     calls.clear()
-    monkeypatch.setattr(migrate, "_embed_rows", dying)
+    monkeypatch.setattr(checkpoints, "_embed_rows", dying)
     with pytest.raises(RuntimeError):
         migrate.migrate_store(src, "projects", config=cfg, out=out, embedder=embedder)
-    monkeypatch.setattr(migrate, "_embed_rows", real)
+    monkeypatch.setattr(checkpoints, "_embed_rows", real)
     s = migrate.migrate_store(src, "projects", config=cfg, out=out, embedder=embedder)
     assert (s.status, s.resumed_batches, s.embedded) == ("migrated", 2, s.count - 6) and s.batches >= 3
     assert not work.exists()
     # A changed source discards a work folder made for the old one.
     shutil.rmtree(out)
     calls.clear()
-    monkeypatch.setattr(migrate, "_embed_rows", dying)
+    monkeypatch.setattr(checkpoints, "_embed_rows", dying)
     with pytest.raises(RuntimeError):
         migrate.migrate_store(src, "projects", config=cfg, out=out, embedder=embedder)
     make_js_store(src, rows[40:48])
-    monkeypatch.setattr(migrate, "_embed_rows", real)
+    monkeypatch.setattr(checkpoints, "_embed_rows", real)
     s = migrate.migrate_store(src, "projects", config=cfg, out=out, embedder=embedder)
     assert s.resumed_batches == 0 and s.embedded == s.count
 

@@ -100,7 +100,7 @@ def test_scheduled_run_that_finds_its_store_locked_skips_without_touching_it(tmp
     from pipelines.schedules import LOCK_NAME, scheduled_ingest, scheduled_migration
     from woolocal_ingest.config import load_config
     from woolocal_ingest.locks import try_lock
-    from woolocal_ingest.migrate import _target_lock
+    from woolocal_ingest.migrate.backup import target_lock
 
     if not LEGACY.is_dir():
         pytest.skip(f"shared fixtures not found at {LEGACY} (set WOOLOCAL_SHARED)")
@@ -124,7 +124,7 @@ migrations: [{{name: legacy, source: legacy, to: projects, out: stores/m, schedu
     assert r["status"] == "skipped" and "lock held" in r["reason"]
     assert not list((tmp_path / "stores" / "tiny").glob("*/manifest.json"))
     target = load_config(cfg).resolve_path(Path("stores/m"))
-    with _target_lock(target):
+    with target_lock(target):
         r = scheduled_migration.fn(str(cfg), "legacy")
     assert r["status"] == "skipped" and not target.exists()
 

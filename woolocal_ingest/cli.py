@@ -408,7 +408,10 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
             no_prefect, as_json):
     """Re-embed a LangChain JS/Python store or a woolocal store (SRC) with a local model, or run a migration
     declared in flows.yaml by NAME. Resumable after a kill; verified before it replaces anything."""
+    from dataclasses import replace
+
     from woolocal_ingest import migrate as mig
+    from woolocal_ingest.cli_format import format_summary, format_table
 
     given = [f for f, v in (("--to", to), ("--out", out), ("--in-place", in_place), ("--backend", backend),
                             ("--quantization", quantization),
@@ -443,12 +446,17 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
         if declared is not None and given:
             raise click.UsageError(f"{source!r} is a migration declared in flows.yaml; {', '.join(given)} cannot "
                                    "change it (edit flows.yaml, or give a store folder)")
+        if declared is not None:
+            request = mig.MigrateRequest.declared(declared, cfg, dry_run=dry_run)
+        elif source:
+            request = mig.MigrateRequest(Path(source), to, out=Path(out) if out else None, in_place=in_place,
+                                         backend=backend, python_layout=python_layout, quantization=quantization,
+                                         dry_run=dry_run)
+        else:
+            request = None  # --all: the requests come from flows.yaml (or wooster.root), one per store
         use_flow = not (no_prefect or dry_run)
         # Look first, cheaply: a target that already holds this migration is answered without the model.
-        quick = mig.look_unchanged(Path(source), to, config=cfg, out=Path(out) if out else None,
-                                   in_place=in_place, backend=backend, python_layout=python_layout,
-                                   quantization=quantization) if source and declared is None and not dry_run \
-            else None
+        quick = mig.look_unchanged(request, cfg) if source and declared is None and not dry_run else None
         if quick is not None:
             use_flow = False
         if use_flow and source and declared is None:  # bad input fails here, not as a failed flow run
@@ -458,14 +466,12 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
             mig.resolve_embedder(to, cfg, backend, quantization)  # cached: the flow's task reuses it
             # Look first: a target that already holds this migration needs neither Prefect nor the model. The
             # dry run reads and compares only; the real call then answers `unchanged` (under the target's lock).
-            look = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
-                                     in_place=in_place, backend=backend, python_layout=python_layout,
-                                     dry_run=True, quantization=quantization)
+            look = mig.run_migration(replace(request, dry_run=True), cfg)
             if (look.plan or {}).get("action") == "unchanged":
                 use_flow = False
         elif use_flow:  # a declared migration, or --all: the same look first, per migration
             looks = (mig.migrate_all(cfg, dry_run=True) if all_stores
-                     else [mig.run_one(declared, cfg, dry_run=True)] if declared is not None else [])
+                     else [mig.run_or_fail(replace(request, dry_run=True), cfg)] if declared is not None else [])
             if looks and all((x.plan or {}).get("action") == "unchanged" for x in looks):
                 use_flow = False  # every target already holds its migration: answered in-process
         if use_flow:  # our own API server (ends with this process), or the one PREFECT_API_URL names
@@ -482,18 +488,11 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
                 results = [s.to_dict() for s in mig.migrate_all(cfg, dry_run=dry_run)]
         elif use_flow:
             with runtime.settings():
-                results = run_migrate_flow(dict(name_or_source=source, to=to if declared is None else None,
-                                                out=out, in_place=in_place, dry_run=dry_run, backend=backend,
-                                                python_layout=python_layout, config_path=obj.config_path,
-                                                quantization=quantization))
-        elif declared is not None:
-            results = mig.run_declared_migration(declared, cfg, dry_run=dry_run).to_dict()
+                results = run_migrate_flow(request, config_path=obj.config_path)
         elif quick is not None:
             results = quick.to_dict()
         else:
-            results = mig.migrate_store(Path(source), to, config=cfg, out=Path(out) if out else None,
-                                        in_place=in_place, backend=backend, python_layout=python_layout,
-                                        dry_run=dry_run, quantization=quantization).to_dict()
+            results = mig.run_migration(request, cfg).to_dict()
     except KeyboardInterrupt:
         bar.close()
         raise _interrupted("the migration stopped; run it again to resume (nothing was replaced)")
@@ -508,15 +507,15 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
             _emit_json({"status": "failed" if failed else "ok", "failed": failed, "migrations": results})
         else:
             for s in results:
-                click.echo(mig.format_summary(s), err=True)
-            click.echo(mig.format_table(results))
+                click.echo(format_summary(s), err=True)
+            click.echo(format_table(results))
         if failed:
             raise click.exceptions.Exit(1)
         return
     if as_json:
         _emit_json(results)
     else:
-        click.echo(mig.format_summary(results))
+        click.echo(format_summary(results))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""What one running service holds: the models it serves (loaded in the background) and the dynamic batcher that
-embeds every request's texts together.
+"""The service state: the models one running service serves (loaded in the background), by every name a request
+may give them, and the batcher their embedding requests go through.
 
 Models. `service.models` in flows.yaml (purpose names or model names) or, by default, every purpose; purposes
 that name the same model share one loaded copy. A request's `model` may be a purpose (`projects`), the canonical
@@ -9,13 +9,7 @@ drop-in names (by default OpenAI's `text-embedding-3-small`, `-3-large`, `text-e
 alias marked `query: true` embeds its inputs as queries (the model's query prefix), for clients such as LangChain's
 `embedQuery`, which send no hint.
 
-Dynamic batching (as TEI and infinity do). Requests put their texts on one bounded queue (`service.queue_size`
-texts); a single worker thread waits `service.batch_wait_ms` after the first arrival, takes every waiting text of
-the head request's model, cuts them into token-budget batches (`embedders.batching.token_budget_batches`, at most
-`service.max_batch_tokens` padded tokens) and answers each request as soon as its last text is embedded. A request
-that does not fit the queue gets 429 with Retry-After (an empty queue admits any one request, so a 2048-input
-request is never refused for size alone). Requests whose client went away are skipped. Nothing grows with traffic:
-the queue is bounded, finished jobs are dropped, metrics keep bounded windows.
+The dynamic batcher in front of the models is service/batcher.py.
 """
 
 from __future__ import annotations
@@ -24,7 +18,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,6 +27,7 @@ import numpy as np
 from woolocal_ingest.config import FlowsConfig, PurposeConfig
 from woolocal_ingest.embedders.base import Embedder
 from woolocal_ingest.embedders.registry import ModelInfo, slugify
+from woolocal_ingest.service.batcher import DynamicBatcher, EmbedJob
 from woolocal_ingest.service.errors import APIError
 from woolocal_ingest.service.metrics import ServiceMetrics
 
@@ -123,198 +117,6 @@ def default_loader(spec: ModelSpec) -> Embedder:
         _ = emb.tokens
         _shared[cache_key] = emb
         return emb
-
-
-class _Job:
-    __slots__ = ("slot", "query", "texts", "lengths", "loop", "future", "out", "remaining", "cancelled")
-
-    def __init__(self, slot: ModelSlot, query: bool, texts: list[str], lengths: list[int],
-                 loop: asyncio.AbstractEventLoop):
-        self.slot = slot
-        self.query = query
-        self.texts = texts
-        self.lengths = lengths  # model tokens incl. special tokens, capped at max_tokens (what a batch pads to)
-        self.loop = loop
-        self.future: asyncio.Future = loop.create_future()
-        self.out: np.ndarray | None = None
-        self.remaining = len(texts)
-        self.cancelled = False
-
-
-def _resolve(fut: asyncio.Future, value=None, exc: BaseException | None = None) -> None:
-    if fut.done():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(value)
-
-
-class DynamicBatcher:
-    """One worker thread; a bounded queue of texts; token-budget batches across concurrent requests."""
-
-    def __init__(self, *, queue_size: int, max_batch_tokens: int, wait_ms: float, metrics: ServiceMetrics):
-        self.queue_size = queue_size
-        self.max_batch_tokens = max_batch_tokens
-        self.wait_s = wait_ms / 1000.0
-        self.metrics = metrics
-        self._cond = threading.Condition()
-        self._pending: deque[_Job] = deque()
-        self._pending_texts = 0
-        self._in_flight = 0
-        self._first_arrival = 0.0
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        self.batches = 0  # forward batches run (tests check that concurrent requests shared them)
-        metrics.bind_queue(lambda: self._pending_texts, lambda: self._in_flight, queue_size)
-
-    @property
-    def depth(self) -> int:
-        """Texts waiting (not yet taken by the worker)."""
-        return self._pending_texts
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    @property
-    def jobs_waiting(self) -> int:
-        return len(self._pending)
-
-    def submit(self, job: _Job) -> None:
-        n = len(job.texts)
-        with self._cond:
-            if self._closed:
-                raise APIError(503, "The service is shutting down.", code="shutting_down")
-            if self._pending_texts and self._pending_texts + n > self.queue_size:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise APIError(429, f"The embedding queue is full ({self._pending_texts} texts waiting, room for "
-                                    f"{self.queue_size}); retry shortly.", code="queue_full",
-                               headers={"Retry-After": "1"})
-            if not self._pending:
-                self._first_arrival = time.monotonic()
-            self._pending.append(job)
-            self._pending_texts += n
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="woolocal-batcher", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def close(self) -> None:
-        """Stop the worker (waiting requests get 503); a later submit starts a new one."""
-        with self._cond:
-            self._closed = True
-            jobs = list(self._pending)
-            self._pending.clear()
-            self._pending_texts = 0
-            self._cond.notify_all()
-        for job in jobs:
-            job.loop.call_soon_threadsafe(_resolve, job.future, None,
-                                          APIError(503, "The service is shutting down.", code="shutting_down"))
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30)
-        with self._cond:  # reusable: an app served again (a second TestClient lifespan) starts a new worker
-            if thread is None or not thread.is_alive():
-                self._thread = None
-                self._closed = False
-
-    # -- worker ------------------------------------------------------------------------------------------------
-    def _take(self) -> list[_Job] | None:
-        with self._cond:
-            while not self._pending and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            # Gather window: let concurrent requests join the batch (the budget of a batch is the cap anyway).
-            while not self._closed:
-                left = self._first_arrival + self.wait_s - time.monotonic()
-                if left <= 0 or self._pending_texts >= self.queue_size:
-                    break
-                self._cond.wait(left)
-            if self._closed or not self._pending:
-                return None if self._closed else []
-            head = self._pending[0]
-            group = (head.slot.key, head.query)
-            take, rest = [], deque()
-            for job in self._pending:
-                (take if (job.slot.key, job.query) == group else rest).append(job)
-            self._pending = rest
-            n = sum(len(j.texts) for j in take)
-            self._pending_texts -= n
-            self._in_flight = n
-            if rest:
-                self._first_arrival = time.monotonic() - self.wait_s  # the rest waited already: no new window
-            return take
-
-    def _run(self) -> None:
-        while True:
-            take = self._take()
-            if take is None:
-                return
-            if not take:
-                continue
-            try:
-                self._process(take)
-            except BaseException as e:  # noqa: BLE001 - every waiting request must get an answer
-                log.exception("embedding failed")
-                err = e if isinstance(e, APIError) else APIError(
-                    500, f"Embedding failed: {type(e).__name__}: {e}", code="embedding_failed", type="server_error")
-                for job in take:
-                    job.loop.call_soon_threadsafe(_resolve, job.future, None, err)
-            finally:
-                with self._cond:
-                    self._in_flight = 0
-                take = None  # drop references: memory stays flat
-
-    def _process(self, jobs: list[_Job]) -> None:
-        from woolocal_ingest.embedders.batching import token_budget_batches
-
-        slot = jobs[0].slot
-        emb = slot.embedder
-        query = jobs[0].query
-        if emb is None:
-            raise APIError(503, f"Model {slot.key} is not loaded.", code="model_not_loaded")
-        items: list[tuple[_Job, int]] = []
-        lengths: list[int] = []
-        for job in jobs:
-            if job.cancelled:
-                continue
-            for i, n in enumerate(job.lengths):
-                items.append((job, i))
-                lengths.append(n)
-        max_batch = int(getattr(emb, "batch_size", None) or getattr(emb, "max_batch", None) or 128)
-        plan = token_budget_batches(lengths, self.max_batch_tokens, max_batch)
-        prefix = emb.info.query_prefix if query else ""
-        per_text = query and bool(emb.info.doc_prefix)  # embed_documents would add the document prefix
-        for batch in plan.batches:
-            batch = [k for k in batch if not items[k][0].cancelled]
-            if not batch:
-                continue
-            texts = [items[k][0].texts[items[k][1]] for k in batch]
-            t0 = time.perf_counter()
-            if per_text:
-                vecs = np.stack([emb.embed_query(t) for t in texts])
-            else:
-                vecs = emb.embed_documents([prefix + t for t in texts] if prefix else texts)
-            vecs = np.asarray(vecs, dtype=np.float32)
-            self.batches += 1
-            self.metrics.observe_batch(slot.key, len(texts), sum(lengths[k] for k in batch),
-                                       time.perf_counter() - t0)
-            done: list[_Job] = []
-            for row, k in enumerate(batch):
-                job, i = items[k]
-                if job.out is None:
-                    job.out = np.empty((len(job.texts), vecs.shape[1]), dtype=np.float32)
-                job.out[i] = vecs[row]
-                job.remaining -= 1
-                if job.remaining == 0:
-                    done.append(job)
-            for job in done:
-                out, job.out = job.out, None
-                job.loop.call_soon_threadsafe(_resolve, job.future, out)
-            with self._cond:
-                self._in_flight -= len(batch)
 
 
 class ServiceState:
@@ -544,7 +346,7 @@ class ServiceState:
             return np.zeros((0, emb.dim), dtype=np.float32)
         if lengths is None:
             lengths = await asyncio.to_thread(self.token_lengths, emb, texts)
-        job = _Job(slot, query, texts, list(lengths), asyncio.get_running_loop())
+        job = EmbedJob(slot.key, emb, query, texts, list(lengths), asyncio.get_running_loop())
         self.batcher.submit(job)
         try:
             return await job.future
