@@ -348,3 +348,57 @@ def test_quantization_flag_end_to_end_through_the_cli(int8_model, tmp_path):
                for flags in (("--quantization", "int8"), ("--backend", "onnx")))
     cos = (v8 * v32).sum(1)
     assert v8.shape == (2, 384) and np.all(cos > 0.98) and np.all(cos < 0.99999)
+
+
+def test_service_queries_each_store_at_its_own_precision(int8_model, embedder, tmp_path):
+    """A real server on 127.0.0.1 serving the model in float32: an int8 store's text queries are embedded by an
+    int8 variant of the same files (loaded on first use), a float32 store's by the served float32 model; with
+    `serve --quantization int8` it is the other way round."""
+    import httpx
+
+    from servers import running
+    from woolocal_ingest.chunking import ChunkSettings
+    from woolocal_ingest.config import FlowsConfig, PurposeConfig, ServiceConfig, quantized_config
+    from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+    from woolocal_ingest.embedders.onnx import OnnxEmbedder
+    from woolocal_ingest.ingest import run_ingest
+    from woolocal_ingest.service.app import create_app
+
+    from woolocal_ingest.embedders import read_model_info
+
+    info = read_model_info(int8_model[0].path)  # named by its folder, as the service names a model given by path
+    stores = tmp_path / "stores"
+    proj = tmp_path / "garden"
+    shutil.copytree(SAMPLE, proj)
+    emb8, emb32 = OnnxEmbedder(info, quantization="int8").load(), OnnxEmbedder(info).load()
+    run_ingest("garden8", proj, stores, emb8, ChunkSettings(), DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    run_ingest("garden32", proj, stores, emb32, ChunkSettings(), DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    query = "how much water do tomatoes need in summer"
+    cfg = FlowsConfig(base_dir=tmp_path,
+                      purposes={"projects": PurposeConfig(model=str(info.path), backend="onnx")},
+                      service=ServiceConfig(models=["projects"]))
+
+    def dense_top(base: str, store: str) -> list[tuple[str, float]]:
+        r = httpx.post(f"{base}/v1/stores/{store}/search", json={"query": query, "k": 5, "mode": "dense"},
+                       timeout=300)
+        assert r.status_code == 200, r.text
+        return [(h["id"], h["score"]) for h in r.json()["data"]]
+
+    def expected(store: str, emb) -> list[tuple[str, float]]:
+        from woolocal_ingest.api import open_store
+
+        s = open_store(next((stores / store).iterdir()), embedder=emb)
+        return [(h.id, h.score) for h in s.search(query, k=5, mode="dense")]
+
+    for config, served in ((cfg, None), (quantized_config(cfg, "int8"), "int8")):
+        app = create_app(config, stores_root=stores, load_in_background=False)
+        state = app.state.service
+        assert getattr(state.slots[0].embedder, "quantization", None) == served
+        with running(app, wait_healthy=True) as base:
+            for store, emb in (("garden8", emb8), ("garden32", emb32)):
+                got, want = dense_top(base, store), expected(store, emb)
+                assert [i for i, _ in got] == [i for i, _ in want]
+                assert np.allclose([x for _, x in got], [x for _, x in want], atol=2e-4), (store, served, got, want)
+        keys = sorted(s.key for s in state.slots)
+        other = "fp32" if served == "int8" else "int8"
+        assert len(keys) == 2 and keys[1].endswith(f"({other})")  # one variant, loaded once, at the other precision

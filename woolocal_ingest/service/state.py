@@ -44,6 +44,7 @@ class ModelSpec:
     backend: str = "auto"
     purpose: str | None = None
     purpose_cfg: PurposeConfig | None = None
+    quantization: str | None = None  # "int8": a precision variant of a served model (`ensure_precision`)
 
 
 @dataclass
@@ -101,7 +102,8 @@ def default_loader(spec: ModelSpec) -> Embedder:
     """Build the embedder a spec names (a purpose: its backend, endpoint and fallback) and load its weights."""
     from woolocal_ingest.embedders import embedder_for, load_embedder
 
-    cache_key = (spec.model, spec.backend, spec.purpose_cfg.model_dump_json() if spec.purpose_cfg else None)
+    cache_key = (spec.model, spec.backend, spec.purpose_cfg.model_dump_json() if spec.purpose_cfg else None,
+                 spec.quantization)
     with _shared_lock:
         emb = _shared.get(cache_key)
         if emb is not None:
@@ -109,7 +111,7 @@ def default_loader(spec: ModelSpec) -> Embedder:
         if spec.purpose_cfg is not None:
             emb = embedder_for(spec.purpose_cfg, spec.purpose or DEFAULT_PURPOSE)
         else:
-            emb = load_embedder(spec.model, backend=spec.backend)
+            emb = load_embedder(spec.model, backend=spec.backend, quantization=spec.quantization)
         ensure_ready = getattr(emb, "ensure_ready", None)
         if callable(ensure_ready):
             ensure_ready()
@@ -327,6 +329,36 @@ class ServiceState:
             await asyncio.to_thread(self._load_once, slot)
         self.embedder(slot.key)  # 503 while loading or when it failed
         return slot.key
+
+    async def ensure_precision(self, key: str, quantization: str | None) -> str:
+        """The key of served model `key` at the precision a store was embedded with: `key` itself when its
+        embedder runs at that precision, else a variant `<key> (int8)` or `<key> (fp32)` of the same model files,
+        loaded on first use (the request waits for it once), so an int8 store is queried with the int8 model and a
+        float32 store with float32 whatever `serve --quantization` says. APIError 409 for a precision this
+        service cannot make (an MLX bit width)."""
+        slot = self.slot(key)
+        have = getattr(self.embedder(slot.key), "quantization", None) or None
+        want = quantization or None
+        if have == want:
+            return slot.key
+        if want not in (None, "int8"):
+            raise APIError(409, f"model {slot.key} runs at precision {have or 'fp32'} here but the store was embedded "
+                                f"at {want}; query it where that precision runs, or migrate it", param="store",
+                           code="model_mismatch")
+        vkey = f"{slot.key} ({want or 'fp32'})"
+        with self._lock:
+            variant = next((s for s in self.slots if s.key == vkey), None)
+            if variant is None:
+                model = str(slot.info.path) if slot.info is not None else slot.spec.model
+                backend = "onnx" if want == "int8" else getattr(slot.embedder, "backend", slot.spec.backend)
+                variant = ModelSlot(key=vkey, spec=ModelSpec(model=model, backend=backend, quantization=want),
+                                    info=slot.info, on_demand=True)
+                self.slots.append(variant)
+                self._index(variant, {vkey})
+        if variant.status == "loading":
+            await asyncio.to_thread(self._load_once, variant)
+        self.embedder(variant.key)  # 503 when it failed (an int8 model that fails the accuracy gate, say)
+        return variant.key
 
     def _load_once(self, slot: ModelSlot) -> None:
         with slot.load_lock:
