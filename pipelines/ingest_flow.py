@@ -14,64 +14,58 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from woolocal_ingest import ingest
+from woolocal_ingest import embedders, ingest
 from woolocal_ingest.chunking import ChunkSettings
 from woolocal_ingest.documents import SourceOptions
 from woolocal_ingest.errors import WoolocalError
+from woolocal_ingest.embedders import EmbedderSpec
 from woolocal_ingest.stores import StoreChangedError
-
-from pipelines.flow_embedders import flow_embedder
 
 SHARDS_PREFIX = ".shards-"  # <stores_root>/<project>/.shards-<flow-run-id>/: a dask run's vectors, one .npy per shard
 
 def preload_embedder(params: dict):
     """Build the embedder the flow's tasks will use for `params` (ingest_flow's) and load its model now, in this
     process (a fallback whose primary cannot load switches here): the CLI does this while the API server starts."""
-    emb = flow_embedder(*_model_spec(**params))
-    if hasattr(emb, "ensure_ready"):
-        emb.ensure_ready()
-    getattr(emb, "model", None)  # a local backend's weights (a lazy attribute)
-    return emb
+    return embedders.get(_model_spec(**params)).ensure_ready().load()
 
 
 @task(name="discover", cache_policy=NO_CACHE, persist_result=False)
-def discover_task(project, root, stores_root, model, backend, batch_size, source, chunk_tokens, overlap_tokens,
+def discover_task(project, root, stores_root, spec, chunk_tokens, overlap_tokens,
                   include, exclude, python_layout, rebuild=False, sources=None, move=False):
-    emb = flow_embedder(model, backend, batch_size, source)
-    if hasattr(emb, "ensure_ready"):
-        emb.ensure_ready()  # a fallback embedder whose primary cannot load switches before anything is planned
+    emb = embedders.get(spec)
+    emb.ensure_ready()  # a fallback embedder whose primary cannot load switches before anything is planned
     return ingest.plan_ingest(project, Path(root), Path(stores_root), emb, ChunkSettings(chunk_tokens, overlap_tokens),
                               include, exclude, python_layout, rebuild, sources=SourceOptions.from_dict(sources),
                               move=move)
 
 
 @task(name="load-and-chunk", cache_policy=NO_CACHE, persist_result=False)
-def load_chunk_task(root, rels, model, backend, batch_size, source, chunk_tokens, overlap_tokens, sources=None):
-    return ingest.load_and_chunk(Path(root), rels, flow_embedder(model, backend, batch_size, source),
+def load_chunk_task(root, rels, spec, chunk_tokens, overlap_tokens, sources=None):
+    return ingest.load_and_chunk(Path(root), rels, embedders.get(spec),
                                  ChunkSettings(chunk_tokens, overlap_tokens), SourceOptions.from_dict(sources))
 
 
 @task(name="embed-batch", cache_policy=NO_CACHE, persist_result=False)
-def embed_task(texts, model, backend, batch_size, source=None, stores_root=None, cache=None):
+def embed_task(texts, spec, stores_root=None, cache=None):
     """(vectors, cache hits) of one batch, embedded in this process behind the embedding cache `cache`."""
-    emb = ingest.with_cache(flow_embedder(model, backend, batch_size, source), stores_root, cache)
+    emb = ingest.with_cache(embedders.get(spec), stores_root, cache)
     t = time.perf_counter()
     vectors = ingest.embed_texts(emb, texts)
     dt = time.perf_counter() - t
     get_run_logger().info("embedded %d texts in %.1fs (%.1f/s, %d from the cache)", len(texts), dt,
-                          len(texts) / dt if dt else 0.0, int(getattr(emb, "hits", 0)))
-    return vectors, int(getattr(emb, "hits", 0))
+                          len(texts) / dt if dt else 0.0, emb.hits)
+    return vectors, emb.hits
 
 
 @task(name="embed-shard", cache_policy=NO_CACHE, persist_result=False)
-def embed_shard_task(texts, path, model, backend, batch_size, source=None, stores_root=None, cache=None):
+def embed_shard_task(texts, path, spec, stores_root=None, cache=None):
     """Embed one shard of texts (behind the embedding cache `cache`) and write its vectors to `path` (.npy,
     atomically); returns {"path", "cached": cache hits}: the path, not the array.
 
     The shard folder is made by the flow and never here: once the flow has removed it (after a failure) a late
     shard cannot bring it back.
     """
-    emb = ingest.with_cache(flow_embedder(model, backend, batch_size, source), stores_root, cache)
+    emb = ingest.with_cache(embedders.get(spec), stores_root, cache)
     vectors = np.ascontiguousarray(ingest.embed_texts(emb, texts), dtype=np.float32)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -84,8 +78,7 @@ def embed_shard_task(texts, path, model, backend, batch_size, source=None, store
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"path": str(path), "cached": int(getattr(emb, "hits", 0)), "model": emb.model_name,
-            "generation": int(getattr(emb, "generation", 0))}
+    return {"path": str(path), "cached": emb.hits, "model": emb.model_name, "generation": emb.generation}
 
 
 def _load_shard(path: str, n: int, dim: int) -> np.ndarray:
@@ -96,8 +89,8 @@ def _load_shard(path: str, n: int, dim: int) -> np.ndarray:
 
 
 @task(name="write-store", cache_policy=NO_CACHE, persist_result=False)
-def write_task(plan, loaded, texts, vectors, model, backend, batch_size, source=None):
-    return ingest.assemble_and_write(plan, loaded, texts, vectors, flow_embedder(model, backend, batch_size, source))
+def write_task(plan, loaded, texts, vectors, spec):
+    return ingest.assemble_and_write(plan, loaded, texts, vectors, embedders.get(spec))
 
 
 def runner_settings(cfg: Any = None) -> dict:
@@ -135,11 +128,14 @@ def remove_tree(path: Path, attempts: int = 5) -> None:
 
 
 def _model_spec(model=None, backend="auto", batch_size=32, purpose=None, purpose_name=None, model_override=None,
-                backend_override=None, **_ignored) -> tuple:
-    """(model, backend, batch_size, source): what every task passes to `_embedder`."""
-    source = None if purpose is None else {"purpose": purpose, "name": purpose_name, "model": model_override,
-                                           "backend": backend_override}
-    return model, backend, batch_size, source
+                backend_override=None, **_ignored) -> EmbedderSpec:
+    """The EmbedderSpec every task gets its embedder for (`embedders.get`)."""
+    if purpose is None:
+        return EmbedderSpec(model, backend, batch_size=batch_size)
+    from woolocal_ingest.config import PurposeConfig
+
+    return EmbedderSpec.resolve(PurposeConfig(**purpose), purpose_name or "projects", model=model_override,
+                                backend=backend_override)
 
 
 def _flow_run_id() -> str:
@@ -197,15 +193,15 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
     m = _model_spec(model, backend, batch_size, purpose, purpose_name, model_override, backend_override)
     shard_chunks = _shard_mode(task_runner)
     t0 = time.perf_counter()
-    plan = discover_task(project, root, stores_root, *m, chunk_tokens, overlap_tokens,
+    plan = discover_task(project, root, stores_root, m, chunk_tokens, overlap_tokens,
                          tuple(include or DEFAULT_INCLUDE), tuple(exclude or DEFAULT_EXCLUDE), python_layout, rebuild,
                          sources, move)
     t_plan = time.perf_counter() - t0
-    generation = getattr(flow_embedder(*m), "generation", 0)  # a fallback switch after this means: re-embed everything
+    generation = embedders.get(m).generation  # a fallback switch after this means: re-embed everything
     log.info("%s: %d files to load, %d unchanged, %d deleted", project, len(plan.to_load), len(plan.unchanged),
              len(plan.deleted))
     # Load+chunk tasks run concurrently on the task runner while earlier groups are being embedded.
-    futures = [load_chunk_task.submit(plan.root, g, *m, chunk_tokens, overlap_tokens, sources)
+    futures = [load_chunk_task.submit(plan.root, g, m, chunk_tokens, overlap_tokens, sources)
                for g in plan.load_groups()]
     loaded, texts, vectors, seen = [], [], [], set()
     cached = 0
@@ -218,7 +214,7 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
         if not shards:  # made here, by the flow, never by a shard task (see embed_shard_task)
             shard_dir.mkdir(parents=True, exist_ok=False)
         path = shard_dir / f"shard-{len(shards):05d}.npy"
-        shards.append((embed_shard_task.submit(part, str(path), *m, stores_root, cache), len(part)))
+        shards.append((embed_shard_task.submit(part, str(path), m, stores_root, cache), len(part)))
 
     try:
         texts += ingest.adopted_texts(plan, seen)  # rows other writers added or rewrote: embedded with our model
@@ -244,7 +240,7 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
         if shard_dir is None:
             t = time.perf_counter()
             for b in ingest.batched(texts, ingest.EMBED_TASK_SIZE):
-                v, hits = embed_task(list(b), *m, stores_root, cache)
+                v, hits = embed_task(list(b), m, stores_root, cache)
                 vectors.append(v)
                 cached += hits
             t_embed += time.perf_counter() - t
@@ -252,7 +248,7 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
             t = time.perf_counter()
             if pending:
                 submit_shard(pending)
-            dim = flow_embedder(*m).dim
+            dim = embedders.get(m).dim
             for f, n in shards:
                 done = f.result()  # a failed shard raises here and fails the flow
                 if done["generation"] or done["model"] != plan.model["name"]:
@@ -264,21 +260,21 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
                 ingest.emit_progress("embedded", n)
             t_embed += time.perf_counter() - t
             log.info("%s: %d texts embedded in %d shards", project, len(texts), len(shards))
-        if getattr(flow_embedder(*m), "generation", 0) != generation:
+        if embedders.get(m).generation != generation:
             # The primary failed mid-run and the fallback took over: it re-embeds the whole store, into its own
             # model's store (the same steps, in this process), so no store mixes two models.
             log.warning("%s: embedder switched to its fallback mid-run; re-embedding everything with it", project)
-            return ingest.run_ingest(project, Path(root), Path(stores_root), flow_embedder(*m),
+            return ingest.run_ingest(project, Path(root), Path(stores_root), embedders.get(m),
                                      ChunkSettings(chunk_tokens, overlap_tokens), tuple(include or DEFAULT_INCLUDE),
                                      tuple(exclude or DEFAULT_EXCLUDE), python_layout, True, cache,
                                      SourceOptions.from_dict(sources), move).to_dict()
         try:
-            summary = write_task(plan, loaded, texts, vectors, *m)
+            summary = write_task(plan, loaded, texts, vectors, m)
         except StoreChangedError:
             # Wooster (or another writer) saved into the store while this run worked: nothing was swapped in.
             # Plan again and adopt its write, in this process (the embedding cache serves what is already done).
             log.warning("%s: the store was written by another program during the run; adopting that write", project)
-            return ingest.run_ingest(project, Path(root), Path(stores_root), flow_embedder(*m),
+            return ingest.run_ingest(project, Path(root), Path(stores_root), embedders.get(m),
                                      ChunkSettings(chunk_tokens, overlap_tokens), tuple(include or DEFAULT_INCLUDE),
                                      tuple(exclude or DEFAULT_EXCLUDE), python_layout, rebuild, cache,
                                      SourceOptions.from_dict(sources), move).to_dict()
@@ -290,12 +286,11 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
             remove_tree(shard_dir)
     # load_chunk: time the flow waited on chunking (the rest of it overlapped embedding)
     summary.timings.update(plan=round(t_plan, 3), load_chunk=round(t_wait, 3), embed=round(t_embed, 3))
-    if hasattr(summary, "cached"):
-        summary.cached = cached
+    summary.cached = cached
     if shard_dir is not None:
         summary.timings["shards"] = len(shards)
-    elif hasattr(summary, "padding_waste"):  # on Dask the batches were padded in the workers' processes
-        summary.padding_waste = ingest.padding_waste(flow_embedder(*m))
+    else:  # on Dask the batches were padded in the workers' processes
+        summary.padding_waste = ingest.padding_waste(embedders.get(m))
     log.info("%s: %d chunks (%d embedded)", summary.store, summary.count, summary.embedded)
     return summary.to_dict()
 

@@ -22,7 +22,7 @@ from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import run_ingest
 from woolocal_ingest.stores import Store, store_dir, verify_store
 from store_copies import copy_stores
-import pipelines.flow_embedders as flow_embedders
+from woolocal_ingest import embedders
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample-project"
 SETTINGS = ChunkSettings(200, 32)
@@ -453,7 +453,7 @@ def prefect_flow(monkeypatch, embedder, tmp_path):
     from pipelines import ingest_flow as flow_mod
 
     spy = Spy(embedder)
-    monkeypatch.setitem(flow_embedders.EMBEDDERS, (None, "auto", 32), spy)
+    monkeypatch.setitem(embedders.spec.EMBEDDERS, embedders.EmbedderSpec(), spy)
 
     def run(w: Work):
         with flow_settings():

@@ -22,7 +22,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from woolocal_ingest import migrate
+from woolocal_ingest import embedders, migrate
+from woolocal_ingest.embedders import EmbedderSpec
 from woolocal_ingest.cli import main
 from woolocal_ingest.config import PurposeConfig, load_config
 from woolocal_ingest.api import open_store
@@ -147,9 +148,9 @@ def tiny(tmp_path_factory):
 @pytest.fixture
 def seeded(monkeypatch, embedder):
     """The CLI's target-model cache holding the session embedder for the test config's purposes (no reload)."""
-    cache = {("purpose", p, PurposeConfig(model=MODEL).model_dump_json(), None): embedder
-             for p in ("projects", "userProfile")}
-    monkeypatch.setattr(migrate, "_EMBEDDERS", cache)
+    cache = {EmbedderSpec.resolve(PurposeConfig(model=MODEL), p): embedder for p in ("projects", "userProfile")}
+    for spec, emb in cache.items():
+        monkeypatch.setitem(embedders.spec.EMBEDDERS, spec, emb)
     return cache
 
 

@@ -304,11 +304,7 @@ def _preload_embedder(params: dict, flow: bool):
         from pipelines.ingest_flow import preload_embedder
 
         return preload_embedder(params)
-    emb = _purpose_embedder(params)
-    if hasattr(emb, "ensure_ready"):
-        emb.ensure_ready()
-    getattr(emb, "model", None)  # a local backend's weights (a lazy attribute)
-    return emb
+    return _purpose_embedder(params).ensure_ready().load()
 
 
 def _run_local(params: dict, emb=None) -> dict:
@@ -325,12 +321,12 @@ def _run_local(params: dict, emb=None) -> dict:
 
 
 def _purpose_embedder(params: dict):
+    from woolocal_ingest import embedders
     from woolocal_ingest.config import PurposeConfig
-    from woolocal_ingest.embedders import embedder_for
 
     purpose = PurposeConfig(**params["purpose"])
-    return embedder_for(purpose, params["purpose_name"], model=params["model_override"],
-                        backend=params["backend_override"])
+    return embedders.get(embedders.EmbedderSpec.resolve(purpose, params["purpose_name"], model=params["model_override"],
+                                                        backend=params["backend_override"]))
 
 
 def _run_flow(params: dict, runtime, task_runner: dict | None, timings: dict) -> dict:

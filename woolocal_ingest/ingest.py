@@ -22,6 +22,7 @@ from woolocal_ingest.documents import (
     Skipped, SourceOptions, describe_redactions, hash_sources, kept_files, parse, read_source,
 )
 from woolocal_ingest.embedders.base import Embedder
+from woolocal_ingest.embedders.identity import model_identity
 from woolocal_ingest.errors import DocumentError, ModelChangedError, SourceMismatchError, StoreError, WoolocalError
 from woolocal_ingest.fsutil import make_backup
 from woolocal_ingest.manifest import read_manifest
@@ -144,21 +145,6 @@ class IngestSummary:
         return d
 
 
-def model_identity(embedder: Embedder) -> dict:
-    """What decides an embedder's vectors, as a store's manifest records it (`model`): the model's facts, the sha256
-    of its files, the backend and the precision (with the int8 gate's figures). Ingest and migrate use this one."""
-    info = embedder.info
-    if getattr(embedder, "quantization", None) == "int8" and callable(getattr(embedder, "load", None)):
-        embedder.load()  # int8 is what it is only once gated (a failed gate may fall back to fp32)
-    quant = getattr(embedder, "quantization", None)
-    out = {**info.to_manifest(), "backend": embedder.backend, "files_sha256": info.files_sha256(),
-           "quantization": str(quant) if quant else None}
-    report = getattr(embedder, "gate_report", None)
-    if report is not None:  # int8: how close it came to float32 (or that it failed and float32 was used)
-        out["quantization_gate"] = report.to_dict()
-    return out
-
-
 def precision(quantization: str | None) -> str:
     """How a manifest's `quantization` reads in messages: int8, 4 (MLX bits) or fp32."""
     return str(quantization) if quantization else "fp32"
@@ -166,8 +152,7 @@ def precision(quantization: str | None) -> str:
 
 def check_gate_on_store(embedder: Embedder, target: Path) -> None:
     """An int8 embedder about to write into an existing store is gated on that store's own texts too (a sample)."""
-    check = getattr(embedder, "check_sample", None)
-    if not callable(check) or getattr(embedder, "quantization", None) != "int8":
+    if embedder.quantization != "int8":
         return
     parquet = Path(target) / "chunks.parquet"
     if not parquet.is_file():
@@ -178,7 +163,7 @@ def check_gate_on_store(embedder: Embedder, target: Path) -> None:
         texts = pq.read_table(parquet, columns=["text"]).column("text").to_pylist()
     except Exception:  # an unreadable record is reported by the store checks, not here
         return
-    check(texts)
+    embedder.check_sample(texts)
 
 
 def ingest_params(cfg: "FlowsConfig", proj: "ProjectConfig", *, stores: str | Path | None = None,
@@ -397,8 +382,7 @@ def with_cache(embedder: Embedder, stores_root: str | Path, cache: dict | None) 
 
 def padding_waste(embedder: Embedder) -> float:
     """Padding share over everything `embedder` (or the one it wraps) has embedded so far."""
-    inner = getattr(embedder, "inner", None) or getattr(embedder, "active", None) or embedder
-    real, padded = getattr(inner, "real_tokens", 0), getattr(inner, "padded_tokens", 0)
+    real, padded = embedder.real_tokens, embedder.padded_tokens
     return round(1.0 - real / padded, 4) if padded else 0.0
 
 
@@ -428,7 +412,7 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
 
     The write is refused (StoreChangedError) if another writer changed the store since `plan` read it."""
     t0 = time.perf_counter()
-    choice = getattr(embedder, "choice", None)
+    choice = embedder.choice
     summary = IngestSummary(project=plan.project, store=str(plan.target), model=embedder.model_name,
                             backend=embedder.backend, dim=embedder.dim, backend_reason=choice.reason if choice else "")
     record = read_record(Path(plan.previous)) if plan.previous is not None else None
@@ -562,9 +546,8 @@ def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, 
 def _run_ingest_once(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
                      include: Sequence[str], exclude: Sequence[str], python_layout: bool, rebuild: bool,
                      cache: dict | None, sources: SourceOptions | None, move: bool) -> IngestSummary:
-    if hasattr(embedder, "ensure_ready"):
-        embedder.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
-    generation = getattr(embedder, "generation", 0)
+    embedder.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
+    generation = embedder.generation
     t = time.perf_counter()
     plan = plan_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, rebuild,
                        sources=sources, move=move)
@@ -579,11 +562,11 @@ def _run_ingest_once(project: str, root: Path, stores_root: Path, embedder: Embe
     emb = with_cache(embedder, stores_root, cache)
     vectors = [embed_texts(emb, b) for b in batched(texts, EMBED_TASK_SIZE)]
     t_embed = time.perf_counter() - t
-    if getattr(embedder, "generation", 0) != generation:
+    if embedder.generation != generation:
         return run_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, True, cache,
                           sources, move)
     summary = assemble_and_write(plan, loaded, texts, vectors, embedder)
-    summary.cached = getattr(emb, "hits", 0)
+    summary.cached = emb.hits
     summary.padding_waste = padding_waste(embedder)
     summary.timings.update(plan=round(t_plan, 3), load_chunk=round(t_chunk, 3), embed=round(t_embed, 3))
     return summary

@@ -191,43 +191,34 @@ def _problem_counts(problems: Sequence[dict | Problem]) -> dict[str, int]:
 # the target model
 
 
-_EMBEDDERS: dict[tuple, Any] = {}  # one embedder per (target, backend, purpose settings) per process
-
-
 def resolve_embedder(to: str, config: "FlowsConfig", backend: str | None = None,
                      quantization: str | None = None) -> "Embedder":
     """The embedder `to` names: a purpose of flows.yaml (its model, backend, quantization, batch settings and
     fallback; its `dimensions` checked), else a model name or folder (the registry's resolution, default batch
     settings). `quantization` ("int8" or "none") overrides the purpose's."""
+    from woolocal_ingest import embedders
     from woolocal_ingest.config import PurposeConfig
-    from woolocal_ingest.embedders import embedder_for
     from woolocal_ingest.errors import ConfigError
 
     if to in config.purposes:
         purpose = config.purposes[to]
-        key = ("purpose", to, purpose.model_dump_json(), backend, quantization)
-        if key not in _EMBEDDERS:
-            emb = embedder_for(purpose, to, backend=backend, quantization=quantization)
-            if purpose.dimensions is not None and emb.dim != purpose.dimensions:
-                raise ConfigError(f"purposes.{to}.dimensions is {purpose.dimensions} but model {emb.model_name} makes "
-                                  f"{emb.dim}-dim vectors")
-            _EMBEDDERS[key] = emb
-        return _EMBEDDERS[key]
-    key = ("model", to, backend, quantization)
-    if key not in _EMBEDDERS:
-        try:
-            _EMBEDDERS[key] = embedder_for(PurposeConfig(), "migrate", model=to, backend=backend,
-                                           quantization=quantization)
-        except ModelNotFoundError as e:
-            raise ModelNotFoundError(f"--to {to!r} is neither a purpose of flows.yaml (declared: "
-                                     f"{', '.join(sorted(config.purposes)) or 'none'}) nor a model available offline: "
-                                     f"{e}") from None
-    return _EMBEDDERS[key]
+        emb = embedders.get(embedders.EmbedderSpec.resolve(purpose, to, backend=backend, quantization=quantization))
+        if purpose.dimensions is not None and emb.dim != purpose.dimensions:
+            raise ConfigError(f"purposes.{to}.dimensions is {purpose.dimensions} but model {emb.model_name} makes "
+                              f"{emb.dim}-dim vectors")
+        return emb
+    try:
+        return embedders.get(embedders.EmbedderSpec.resolve(PurposeConfig(), "migrate", model=to, backend=backend,
+                                                            quantization=quantization))
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"--to {to!r} is neither a purpose of flows.yaml (declared: "
+                                 f"{', '.join(sorted(config.purposes)) or 'none'}) nor a model available offline: "
+                                 f"{e}") from None
 
 
 def _model_identity(emb: "Embedder") -> dict:
     """What decides the vectors: the model's files, pooling, prefix, limits, quantization, and the backend."""
-    from woolocal_ingest.ingest import model_identity
+    from woolocal_ingest.embedders import model_identity
 
     m = model_identity(emb)
     return {k: m.get(k) for k in ("name", "dim", "files_sha256", "quantization", "pooling", "normalize",
@@ -236,7 +227,7 @@ def _model_identity(emb: "Embedder") -> dict:
 
 def _raw(emb: Any) -> Any:
     """The embedder without the embedding cache (verification and estimates must really embed)."""
-    return getattr(emb, "inner", None) if type(emb).__name__ == "CachedEmbedder" else emb
+    return emb.uncached
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -663,20 +654,20 @@ def _embed_all(plan: _Plan, emb: "Embedder", config: "FlowsConfig", progress: Pr
     root = config.stores_root().resolve()
     cached = with_cache(emb, root if plan.target.is_relative_to(root) else plan.target.parent,
                         config.cache_settings())
-    generation = getattr(emb, "generation", 0)
+    generation = emb.generation
     for b in todo:
         idx = groups[b]
         part = [rows[i] for i in idx]
         v = np.ascontiguousarray(_embed_rows(cached, [c.text for c in part], progress), dtype=np.float32)
         if v.shape != (len(part), dim):
             raise MigrationError(f"{emb.model_name} returned vectors of shape {v.shape} for {len(part)} texts")
-        if getattr(emb, "generation", 0) != generation:
+        if emb.generation != generation:
             raise MigrationError(f"{plan.target}: the embedder switched to its fallback mid-run; a store never mixes "
                                  "two models - run the migration again")
         _write_shard(work / _shard_name(b), idx, part, v)
         vectors[idx] = v
         summary.embedded += len(part)
-    summary.cached = int(getattr(cached, "hits", 0))
+    summary.cached = int(cached.hits)
     return vectors
 
 
@@ -874,7 +865,7 @@ def _check_target(plan: _Plan, emb: "Embedder") -> None:
 
 
 def _manifest(plan: _Plan, emb: "Embedder") -> dict:
-    from woolocal_ingest.ingest import model_identity
+    from woolocal_ingest.embedders import model_identity
 
     lg = plan.legacy
     problems = [p.to_dict() for p in lg.problems + plan.problems]
@@ -969,8 +960,7 @@ def _migrate_once(source: Path, to: str, *, config: "FlowsConfig", out: Path | N
     if in_place and out is not None:
         raise MigrationInputError("give either an out folder or in_place, not both")
     emb = embedder if embedder is not None else resolve_embedder(to, config, backend, quantization)
-    if hasattr(emb, "ensure_ready"):
-        emb.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
+    emb.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
     if in_place:
         target = source
     elif out is not None:
