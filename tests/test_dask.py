@@ -20,6 +20,7 @@ import pytest
 from woolocal_ingest.chunking import ChunkSettings
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import run_ingest
+from woolocal_ingest.request import IngestRequest
 from woolocal_ingest.stores import Store, store_dir, verify_store
 from store_copies import copy_stores
 from woolocal_ingest import embedders
@@ -40,9 +41,8 @@ def shard_dirs(stores: Path) -> list[Path]:
     return sorted((stores / PROJECT).glob(".shards-*")) if (stores / PROJECT).is_dir() else []
 
 
-def params(proj: Path, stores: Path, model: str | None = None) -> dict:
-    return dict(project=PROJECT, root=str(proj), stores_root=str(stores), model=model,
-                chunk_tokens=SETTINGS.chunk_tokens, overlap_tokens=SETTINGS.overlap_tokens)
+def params(proj: Path, stores: Path, model: str | None = None) -> IngestRequest:
+    return IngestRequest(PROJECT, proj, stores, embedders.EmbedderSpec(model), SETTINGS)
 
 
 def assert_same_store(a: Path, b: Path, atol: float = 1e-5) -> float:

@@ -20,6 +20,7 @@ from woolocal_ingest import ingest as ingest_mod
 from woolocal_ingest.chunking import ChunkSettings
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import run_ingest
+from woolocal_ingest.request import IngestRequest
 from woolocal_ingest.stores import Store, store_dir, verify_store
 from store_copies import copy_stores
 from woolocal_ingest import embedders
@@ -457,8 +458,7 @@ def prefect_flow(monkeypatch, embedder, tmp_path):
 
     def run(w: Work):
         with flow_settings():
-            return flow_mod.ingest_flow(project=PROJECT, root=str(w.proj), stores_root=str(w.stores),
-                                        chunk_tokens=SETTINGS.chunk_tokens, overlap_tokens=SETTINGS.overlap_tokens,
+            return flow_mod.ingest_flow(IngestRequest(PROJECT, w.proj, w.stores, chunking=SETTINGS).to_dict(),
                                         return_state=True)
 
     run.spy = spy
