@@ -28,10 +28,13 @@ import logging
 import os
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
+
+if TYPE_CHECKING:  # pragma: no cover
+    from woolocal_ingest.embedders import EmbedderSpec
 
 log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 90  # the most a Prefect API server started here may take to answer
@@ -197,23 +200,23 @@ async def _close_workers(cluster, timeout: float) -> None:
                          return_exceptions=True)
 
 
-def warm_worker(model, backend, batch_size, source=None) -> int:
+def warm_worker(spec: "EmbedderSpec") -> int:
     """Runs on a worker: load the model into the worker's cache now, while the Prefect API is still starting.
     Errors are left for the real tasks to raise (and report)."""
-    from pipelines.flow_embedders import flow_embedder
+    from woolocal_ingest import embedders
 
     try:
-        emb = flow_embedder(model, backend, batch_size, source)
-        for attr in ("tokens", "model"):  # tokenizer, and the weights of a local backend (lazy attributes)
-            getattr(emb, attr, None)
+        emb = embedders.get(spec)
+        _ = emb.tokens  # the tokenizer, and the weights of a local backend (both lazy)
+        emb.load()
     except Exception:
         pass
     return os.getpid()
 
 
-def warm_workers(client: distributed.Client, spec: tuple) -> list:
+def warm_workers(client: distributed.Client, spec: "EmbedderSpec") -> list:
     """One `warm_worker` per worker, pinned to it; returns the futures (keep them until the run starts)."""
-    return [client.submit(warm_worker, *spec, workers=[w], allow_other_workers=False, pure=False)
+    return [client.submit(warm_worker, spec, workers=[w], allow_other_workers=False, pure=False)
             for w in client.nthreads()]
 
 
@@ -224,10 +227,10 @@ def dask_task_runner(address: str):
 
 
 @contextmanager
-def dask_runtime(cfg: Mapping[str, Any], model_spec: tuple | None = None) -> Iterator[Any]:
+def dask_runtime(cfg: Mapping[str, Any], model_spec: "EmbedderSpec | None" = None) -> Iterator[Any]:
     """A DaskTaskRunner for one run, with the shared Prefect API and the cluster around it (all closed on exit).
 
-    `model_spec` (model, backend, batch_size, source): what the workers load while the API server starts.
+    `model_spec`: the embedder the workers load while the API server starts.
     """
     with ExitStack() as stack:
         api = stack.enter_context(shared_prefect_api())

@@ -14,64 +14,49 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from woolocal_ingest import ingest
-from woolocal_ingest.chunking import ChunkSettings
-from woolocal_ingest.documents import SourceOptions
+from woolocal_ingest import embedders, ingest
 from woolocal_ingest.errors import WoolocalError
+from woolocal_ingest.ingest import IngestPlan, ProgressFn
+from woolocal_ingest.request import IngestRequest
 from woolocal_ingest.stores import StoreChangedError
-
-from pipelines.flow_embedders import flow_embedder
 
 SHARDS_PREFIX = ".shards-"  # <stores_root>/<project>/.shards-<flow-run-id>/: a dask run's vectors, one .npy per shard
 
-def preload_embedder(params: dict):
-    """Build the embedder the flow's tasks will use for `params` (ingest_flow's) and load its model now, in this
-    process (a fallback whose primary cannot load switches here): the CLI does this while the API server starts."""
-    emb = flow_embedder(*_model_spec(**params))
-    if hasattr(emb, "ensure_ready"):
-        emb.ensure_ready()
-    getattr(emb, "model", None)  # a local backend's weights (a lazy attribute)
-    return emb
-
 
 @task(name="discover", cache_policy=NO_CACHE, persist_result=False)
-def discover_task(project, root, stores_root, model, backend, batch_size, source, chunk_tokens, overlap_tokens,
-                  include, exclude, python_layout, rebuild=False, sources=None, move=False):
-    emb = flow_embedder(model, backend, batch_size, source)
-    if hasattr(emb, "ensure_ready"):
-        emb.ensure_ready()  # a fallback embedder whose primary cannot load switches before anything is planned
-    return ingest.plan_ingest(project, Path(root), Path(stores_root), emb, ChunkSettings(chunk_tokens, overlap_tokens),
-                              include, exclude, python_layout, rebuild, sources=SourceOptions.from_dict(sources),
-                              move=move)
+def discover_task(r: IngestRequest) -> IngestPlan:
+    emb = embedders.get(r.embedder)
+    emb.ensure_ready()  # a fallback embedder whose primary cannot load switches before anything is planned
+    return ingest.plan_ingest(r.project, r.root, r.stores_root, emb, r.chunking, r.include, r.exclude, r.python_layout,
+                              r.rebuild, sources=r.sources, move=r.move)
 
 
 @task(name="load-and-chunk", cache_policy=NO_CACHE, persist_result=False)
-def load_chunk_task(root, rels, model, backend, batch_size, source, chunk_tokens, overlap_tokens, sources=None):
-    return ingest.load_and_chunk(Path(root), rels, flow_embedder(model, backend, batch_size, source),
-                                 ChunkSettings(chunk_tokens, overlap_tokens), SourceOptions.from_dict(sources))
+def load_chunk_task(r: IngestRequest, root: Path, rels: list[str]):
+    return ingest.load_and_chunk(root, rels, embedders.get(r.embedder), r.chunking, r.sources)
 
 
 @task(name="embed-batch", cache_policy=NO_CACHE, persist_result=False)
-def embed_task(texts, model, backend, batch_size, source=None, stores_root=None, cache=None):
-    """(vectors, cache hits) of one batch, embedded in this process behind the embedding cache `cache`."""
-    emb = ingest.with_cache(flow_embedder(model, backend, batch_size, source), stores_root, cache)
+def embed_task(texts: list[str], r: IngestRequest, progress: ProgressFn | None = None):
+    """(vectors, cache hits) of one batch, embedded in this process behind the request's embedding cache."""
+    emb = ingest.with_cache(embedders.get(r.embedder), r.stores_root, r.cache)
     t = time.perf_counter()
-    vectors = ingest.embed_texts(emb, texts)
+    vectors = ingest.embed_texts(emb, texts, progress)
     dt = time.perf_counter() - t
     get_run_logger().info("embedded %d texts in %.1fs (%.1f/s, %d from the cache)", len(texts), dt,
-                          len(texts) / dt if dt else 0.0, int(getattr(emb, "hits", 0)))
-    return vectors, int(getattr(emb, "hits", 0))
+                          len(texts) / dt if dt else 0.0, emb.hits)
+    return vectors, emb.hits
 
 
 @task(name="embed-shard", cache_policy=NO_CACHE, persist_result=False)
-def embed_shard_task(texts, path, model, backend, batch_size, source=None, stores_root=None, cache=None):
-    """Embed one shard of texts (behind the embedding cache `cache`) and write its vectors to `path` (.npy,
+def embed_shard_task(texts: list[str], path: str, r: IngestRequest) -> dict:
+    """Embed one shard of texts (behind the request's embedding cache) and write its vectors to `path` (.npy,
     atomically); returns {"path", "cached": cache hits}: the path, not the array.
 
     The shard folder is made by the flow and never here: once the flow has removed it (after a failure) a late
     shard cannot bring it back.
     """
-    emb = ingest.with_cache(flow_embedder(model, backend, batch_size, source), stores_root, cache)
+    emb = ingest.with_cache(embedders.get(r.embedder), r.stores_root, r.cache)
     vectors = np.ascontiguousarray(ingest.embed_texts(emb, texts), dtype=np.float32)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -84,8 +69,7 @@ def embed_shard_task(texts, path, model, backend, batch_size, source=None, store
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"path": str(path), "cached": int(getattr(emb, "hits", 0)), "model": emb.model_name,
-            "generation": int(getattr(emb, "generation", 0))}
+    return {"path": str(path), "cached": emb.hits, "model": emb.model_name, "generation": emb.generation}
 
 
 def _load_shard(path: str, n: int, dim: int) -> np.ndarray:
@@ -96,8 +80,8 @@ def _load_shard(path: str, n: int, dim: int) -> np.ndarray:
 
 
 @task(name="write-store", cache_policy=NO_CACHE, persist_result=False)
-def write_task(plan, loaded, texts, vectors, model, backend, batch_size, source=None):
-    return ingest.assemble_and_write(plan, loaded, texts, vectors, flow_embedder(model, backend, batch_size, source))
+def write_task(plan, loaded, texts, vectors, r: IngestRequest):
+    return ingest.assemble_and_write(plan, loaded, texts, vectors, embedders.get(r.embedder))
 
 
 def runner_settings(cfg: Any = None) -> dict:
@@ -134,14 +118,6 @@ def remove_tree(path: Path, attempts: int = 5) -> None:
         time.sleep(0.05 * (i + 1))
 
 
-def _model_spec(model=None, backend="auto", batch_size=32, purpose=None, purpose_name=None, model_override=None,
-                backend_override=None, **_ignored) -> tuple:
-    """(model, backend, batch_size, source): what every task passes to `_embedder`."""
-    source = None if purpose is None else {"purpose": purpose, "name": purpose_name, "model": model_override,
-                                           "backend": backend_override}
-    return model, backend, batch_size, source
-
-
 def _flow_run_id() -> str:
     from prefect.context import FlowRunContext
 
@@ -169,61 +145,95 @@ def _discard(futures) -> None:
             pass
 
 
+class _Shards:
+    """A Dask run's `embed-shard` tasks: texts are cut into shards of `size` as they become known, each submitted
+    at once; its vectors go to `<dir>/shard-NNNNN.npy`, made by the flow (never by a shard task)."""
+
+    def __init__(self, folder: Path, size: int, request: IngestRequest):
+        self.folder, self.size, self.request = folder, size, request
+        self.submitted: list = []  # (future, n) per shard, in text order
+        self.pending: list[str] = []
+
+    def add(self, texts: list[str]) -> None:
+        self.pending += texts
+        while len(self.pending) >= self.size:
+            self._submit(self.pending[:self.size])
+            self.pending = self.pending[self.size:]
+
+    def finish(self) -> None:
+        """Submit what is left (the last, shorter shard)."""
+        if self.pending:
+            self._submit(self.pending)
+            self.pending = []
+
+    def _submit(self, part: list[str]) -> None:
+        if not self.submitted:  # made here, by the flow, never by a shard task (see embed_shard_task)
+            self.folder.mkdir(parents=True, exist_ok=False)
+        path = self.folder / f"shard-{len(self.submitted):05d}.npy"
+        self.submitted.append((embed_shard_task.submit(part, str(path), self.request), len(part)))
+
+
+def _embed_inline(texts: list[str], r: IngestRequest, progress: ProgressFn | None) -> tuple[list[np.ndarray], int]:
+    """Thread runner: the texts embedded in this process in batches of EMBED_TASK_SIZE; (vectors, cache hits)."""
+    vectors, cached = [], 0
+    for b in ingest.batched(texts, ingest.EMBED_TASK_SIZE):
+        v, hits = embed_task(list(b), r, progress)
+        vectors.append(v)
+        cached += hits
+    return vectors, cached
+
+
+def _embed_sharded(shards: _Shards, plan: IngestPlan, progress: ProgressFn | None) -> tuple[list[np.ndarray], int]:
+    """Dask: the last shard submitted, then every shard's vectors read back in order; (vectors, cache hits). A shard
+    embedded by another model than the plan's (a fallback on a worker) fails the run."""
+    shards.finish()
+    dim = embedders.get(shards.request.embedder).dim
+    vectors, cached = [], 0
+    for f, n in shards.submitted:
+        done = f.result()  # a failed shard raises here and fails the flow
+        if done["generation"] or done["model"] != plan.model["name"]:
+            raise WoolocalError(
+                f"shard {done['path']} was embedded by {done['model']} (a fallback on a worker), the store is "
+                f"for {plan.model['name']}: refusing to mix two models in one store; run ingest again")
+        vectors.append(_load_shard(done["path"], n, dim))
+        cached += done["cached"]
+        if progress:
+            progress("embedded", n)
+    return vectors, cached
+
+
 @flow(name="woolocal-ingest", task_runner=ThreadPoolTaskRunner(max_workers=2), validate_parameters=False,
       log_prints=False, persist_result=False)
-def ingest_flow(project: str, root: str, stores_root: str, model: str | None = None, backend: str = "auto",
-                batch_size: int = 32, chunk_tokens: int = 200, overlap_tokens: int = 32,
-                include: list[str] | None = None, exclude: list[str] | None = None,
-                python_layout: bool = False, task_runner: dict | None = None, rebuild: bool = False,
-                purpose: dict | None = None, purpose_name: str | None = None, model_override: str | None = None,
-                backend_override: str | None = None, cache: dict | None = None, sources: dict | None = None,
-                move: bool = False) -> dict:
+def ingest_flow(request: dict, task_runner: dict | None = None, progress: ProgressFn | None = None) -> dict:
     """Discover → load+chunk per file group (concurrent) → embed → write; returns the run summary.
 
-    `task_runner` (flows.yaml's, as a dict): with type thread (or None) the embedding runs in this process in batches
-    of EMBED_TASK_SIZE. With type dask it runs as `embed-shard` tasks of `shard_chunks` chunks submitted to the
-    flow's task runner (a DaskTaskRunner given by `run_ingest_flow`); each writes its vectors to
+    `request`: an IngestRequest as `to_dict()` (a JSON parameter). `task_runner` (flows.yaml's, as a dict): with
+    type thread (or None) the embedding runs in this process in batches of EMBED_TASK_SIZE (`_embed_inline`). With
+    type dask it runs as `embed-shard` tasks of `shard_chunks` chunks submitted to the flow's task runner (a
+    DaskTaskRunner given by `run_ingest_flow`; `_embed_sharded`); each writes its vectors to
     `<stores_root>/<project>/.shards-<flow-run-id>/shard-NNNNN.npy` and returns the path, and the shards are read
-    back in order. The folder is removed when the run ends, whatever the outcome.
-
-    `purpose`, `purpose_name`, `model_override`, `backend_override` (the CLI's): build the embedder from flows.yaml's
-    purpose as `--no-prefect` does; `rebuild`: re-embed everything (see `ingest.plan_ingest`); `cache`: the embedding
-    cache (flows.yaml's `cache` as a dict; None = none), used wherever the embedding runs; `sources`: SourceOptions
-    as a dict (ignore files, secrets, size limit); `move`: the project folder moved (see `ingest.check_source_root`).
+    back in order. The folder is removed when the run ends, whatever the outcome. `progress` gets ("total+", n) and
+    ("embedded", n) in this process (the CLI's bar).
     """
-    from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
-
+    r = IngestRequest.from_dict(request)
     log = get_run_logger()
-    m = _model_spec(model, backend, batch_size, purpose, purpose_name, model_override, backend_override)
     shard_chunks = _shard_mode(task_runner)
     t0 = time.perf_counter()
-    plan = discover_task(project, root, stores_root, *m, chunk_tokens, overlap_tokens,
-                         tuple(include or DEFAULT_INCLUDE), tuple(exclude or DEFAULT_EXCLUDE), python_layout, rebuild,
-                         sources, move)
+    plan = discover_task(r)
     t_plan = time.perf_counter() - t0
-    generation = getattr(flow_embedder(*m), "generation", 0)  # a fallback switch after this means: re-embed everything
-    log.info("%s: %d files to load, %d unchanged, %d deleted", project, len(plan.to_load), len(plan.unchanged),
+    generation = embedders.get(r.embedder).generation  # a fallback switch after this means: re-embed everything
+    log.info("%s: %d files to load, %d unchanged, %d deleted", r.project, len(plan.to_load), len(plan.unchanged),
              len(plan.deleted))
     # Load+chunk tasks run concurrently on the task runner while earlier groups are being embedded.
-    futures = [load_chunk_task.submit(plan.root, g, *m, chunk_tokens, overlap_tokens, sources)
-               for g in plan.load_groups()]
-    loaded, texts, vectors, seen = [], [], [], set()
-    cached = 0
+    futures = [load_chunk_task.submit(r, plan.root, g) for g in plan.load_groups()]
+    loaded, texts, seen = [], [], set()
     t_wait = t_embed = 0.0
-    shard_dir = plan.target.parent / f"{SHARDS_PREFIX}{_flow_run_id()}" if shard_chunks else None
-    shards: list = []  # (future, n) per shard, in text order
-    pending: list[str] = []
-
-    def submit_shard(part: list[str]) -> None:
-        if not shards:  # made here, by the flow, never by a shard task (see embed_shard_task)
-            shard_dir.mkdir(parents=True, exist_ok=False)
-        path = shard_dir / f"shard-{len(shards):05d}.npy"
-        shards.append((embed_shard_task.submit(part, str(path), *m, stores_root, cache), len(part)))
-
+    shards = (_Shards(plan.target.parent / f"{SHARDS_PREFIX}{_flow_run_id()}", shard_chunks, r) if shard_chunks
+              else None)
     try:
         texts += ingest.adopted_texts(plan, seen)  # rows other writers added or rewrote: embedded with our model
-        if shard_dir is not None:
-            pending += texts
+        if shards is not None:
+            shards.add(texts)
         for f in futures:
             t = time.perf_counter()
             group = f.result()  # a failed task raises here and fails the flow
@@ -231,77 +241,54 @@ def ingest_flow(project: str, root: str, stores_root: str, model: str | None = N
             loaded.append(group)
             new = ingest.texts_to_embed(plan, group, seen)
             texts += new
-            if shard_dir is not None:  # shards start as soon as a shard's worth of texts is known
+            if shards is not None:  # shards start as soon as a shard's worth of texts is known
                 t = time.perf_counter()
-                pending += new
-                while len(pending) >= shard_chunks:
-                    submit_shard(pending[:shard_chunks])
-                    pending = pending[shard_chunks:]
+                shards.add(new)
                 t_embed += time.perf_counter() - t
         # Every chunk is known before the bar starts: its total, rate and ETA are right from the first update.
         # (Chunking is ~3% of a first ingest; waiting for it costs less than a bar whose total keeps growing.)
-        ingest.emit_progress("total+", len(texts))
-        if shard_dir is None:
-            t = time.perf_counter()
-            for b in ingest.batched(texts, ingest.EMBED_TASK_SIZE):
-                v, hits = embed_task(list(b), *m, stores_root, cache)
-                vectors.append(v)
-                cached += hits
-            t_embed += time.perf_counter() - t
-        if shard_dir is not None:
-            t = time.perf_counter()
-            if pending:
-                submit_shard(pending)
-            dim = flow_embedder(*m).dim
-            for f, n in shards:
-                done = f.result()  # a failed shard raises here and fails the flow
-                if done["generation"] or done["model"] != plan.model["name"]:
-                    raise WoolocalError(
-                        f"shard {done['path']} was embedded by {done['model']} (a fallback on a worker), the store is "
-                        f"for {plan.model['name']}: refusing to mix two models in one store; run ingest again")
-                vectors.append(_load_shard(done["path"], n, dim))
-                cached += done["cached"]
-                ingest.emit_progress("embedded", n)
-            t_embed += time.perf_counter() - t
-            log.info("%s: %d texts embedded in %d shards", project, len(texts), len(shards))
-        if getattr(flow_embedder(*m), "generation", 0) != generation:
+        if progress:
+            progress("total+", len(texts))
+        t = time.perf_counter()
+        if shards is None:
+            vectors, cached = _embed_inline(texts, r, progress)
+        else:
+            vectors, cached = _embed_sharded(shards, plan, progress)
+            log.info("%s: %d texts embedded in %d shards", r.project, len(texts), len(shards.submitted))
+        t_embed += time.perf_counter() - t
+        if embedders.get(r.embedder).generation != generation:
             # The primary failed mid-run and the fallback took over: it re-embeds the whole store, into its own
             # model's store (the same steps, in this process), so no store mixes two models.
-            log.warning("%s: embedder switched to its fallback mid-run; re-embedding everything with it", project)
-            return ingest.run_ingest(project, Path(root), Path(stores_root), flow_embedder(*m),
-                                     ChunkSettings(chunk_tokens, overlap_tokens), tuple(include or DEFAULT_INCLUDE),
-                                     tuple(exclude or DEFAULT_EXCLUDE), python_layout, True, cache,
-                                     SourceOptions.from_dict(sources), move).to_dict()
+            log.warning("%s: embedder switched to its fallback mid-run; re-embedding everything with it", r.project)
+            return ingest.run_request(r.with_rebuild(), progress=progress).to_dict()
         try:
-            summary = write_task(plan, loaded, texts, vectors, *m)
+            summary = write_task(plan, loaded, texts, vectors, r)
         except StoreChangedError:
             # Wooster (or another writer) saved into the store while this run worked: nothing was swapped in.
             # Plan again and adopt its write, in this process (the embedding cache serves what is already done).
-            log.warning("%s: the store was written by another program during the run; adopting that write", project)
-            return ingest.run_ingest(project, Path(root), Path(stores_root), flow_embedder(*m),
-                                     ChunkSettings(chunk_tokens, overlap_tokens), tuple(include or DEFAULT_INCLUDE),
-                                     tuple(exclude or DEFAULT_EXCLUDE), python_layout, rebuild, cache,
-                                     SourceOptions.from_dict(sources), move).to_dict()
+            log.warning("%s: the store was written by another program during the run; adopting that write",
+                        r.project)
+            return ingest.run_request(r, progress=progress).to_dict()
     except BaseException:
-        _discard([f for f, _ in shards])
+        _discard([f for f, _ in shards.submitted] if shards is not None else [])
         raise
     finally:
-        if shard_dir is not None and shard_dir.exists():
-            remove_tree(shard_dir)
+        if shards is not None and shards.folder.exists():
+            remove_tree(shards.folder)
     # load_chunk: time the flow waited on chunking (the rest of it overlapped embedding)
     summary.timings.update(plan=round(t_plan, 3), load_chunk=round(t_wait, 3), embed=round(t_embed, 3))
-    if hasattr(summary, "cached"):
-        summary.cached = cached
-    if shard_dir is not None:
-        summary.timings["shards"] = len(shards)
-    elif hasattr(summary, "padding_waste"):  # on Dask the batches were padded in the workers' processes
-        summary.padding_waste = ingest.padding_waste(flow_embedder(*m))
+    summary.cached = cached
+    if shards is not None:
+        summary.timings["shards"] = len(shards.submitted)
+    else:  # on Dask the batches were padded in the workers' processes
+        summary.padding_waste = ingest.padding_waste(embedders.get(r.embedder))
     log.info("%s: %d chunks (%d embedded)", summary.store, summary.count, summary.embedded)
     return summary.to_dict()
 
 
-def run_ingest_flow(params: dict, task_runner=None, return_state: bool = True):
-    """Run `ingest_flow(**params)` on flows.yaml's `task_runner` (a TaskRunnerConfig, a dict, or None = thread).
+def run_ingest_flow(request: IngestRequest, task_runner=None, return_state: bool = True,
+                    progress: ProgressFn | None = None):
+    """Run `ingest_flow` for `request` on flows.yaml's `task_runner` (a TaskRunnerConfig, a dict, or None = thread).
 
     thread: the flow as declared (ThreadPoolTaskRunner). dask: the same flow with a DaskTaskRunner given at call time
     (`with_options`), on `address` or on a LocalCluster of `workers` processes started for this run, with one Prefect
@@ -313,16 +300,17 @@ def run_ingest_flow(params: dict, task_runner=None, return_state: bool = True):
     cfg = runner_settings(task_runner)
     if cfg["type"] != "dask":
         with flow_settings():
-            return ingest_flow(**params, task_runner=cfg, return_state=return_state)
+            return ingest_flow(request.to_dict(), task_runner=cfg, progress=progress, return_state=return_state)
     from pipelines.dask_runner import dask_runtime
 
     state = None
     try:
-        with dask_runtime(cfg, _model_spec(**params)) as runner, flow_settings():
-            state = ingest_flow.with_options(task_runner=runner)(**params, task_runner=cfg, return_state=True)
+        with dask_runtime(cfg, request.embedder) as runner, flow_settings():
+            state = ingest_flow.with_options(task_runner=runner)(request.to_dict(), task_runner=cfg, progress=progress,
+                                                                 return_state=True)
     finally:
         # The flow removes its shard folder itself; this catches one left by a run that died mid-way (a LocalCluster
         # is closed by now, so nothing writes into it any more).
         if state is not None and state.state_details.flow_run_id is not None:
-            remove_shards(params["stores_root"], params["project"], str(state.state_details.flow_run_id))
+            remove_shards(request.stores_root, request.project, str(state.state_details.flow_run_id))
     return state if return_state else state.result()

@@ -82,33 +82,28 @@ def scheduled_migration(config_path: str, migration: str) -> dict:
 def _ingest(log, config_path: str, project: str) -> dict:
     from pipelines.ingest_flow import run_ingest_flow
     from pipelines.runtime import flow_result
-    from woolocal_ingest.ingest import ingest_params
+    from woolocal_ingest.request import IngestRequest
 
     cfg = _load(config_path)
     proj = cfg.project(project)
     if proj is None:
         raise ConfigError(f"{config_path}: no project named {project!r} any more (restart `woolocal schedule serve` "
                           "after removing a scheduled project)")
-    params = ingest_params(cfg, proj)  # as `woolocal ingest NAME` builds them
-    lock = Path(params["stores_root"]) / proj.name / LOCK_NAME
+    request = IngestRequest.from_config(cfg, proj)  # as `woolocal ingest NAME` builds it
+    lock = request.stores_root / proj.name / LOCK_NAME
     with try_lock(lock) as holder:
         if holder is not None:
             log.warning("ingest %s: another run holds %s; skipping this one (nothing touched)", project, lock)
             return {"status": "skipped", "project": project, "reason": f"lock held: {lock}"}
         # Look first (discover, hash, compare with the store): an unchanged project loads no model and runs no
         # subflow. Otherwise a failed subflow re-raises its own error: this run fails, the old store keeps serving.
-        from woolocal_ingest.documents import SourceOptions
-        from woolocal_ingest.preplan import pre_plan
+        from woolocal_ingest.preplan import pre_plan_request
 
-        pre = pre_plan(params["project"], Path(params["root"]), Path(params["stores_root"]), params["model"],
-                       params["backend"], params["chunk_tokens"], params["overlap_tokens"], params["include"],
-                       params["exclude"], params["python_layout"], params.get("rebuild", False),
-                       sources=SourceOptions.from_dict(params.get("sources")),
-                       quantization=params["purpose"].get("quantization"))
+        pre = pre_plan_request(request)
         if pre.nothing_to_do:
             summary = pre.summary()
         else:
-            summary = flow_result(run_ingest_flow(params, cfg.task_runner.model_dump()), f"ingest {project}")
+            summary = flow_result(run_ingest_flow(request, cfg.task_runner.model_dump()), f"ingest {project}")
     if summary["written"]:
         summary["status"] = "updated"
         log.info("ingest %s: store updated: %s (%d chunks: %d added, %d updated, %d deleted; %d embedded)", project,

@@ -97,6 +97,7 @@ def test_model_key_is_backend_independent_and_covers_what_changes_vectors(embedd
     class OtherBackend:  # the same model files on another runtime
         backend = "onnx"
         info = embedder.info
+        quantization = None
 
     assert model_key(OtherBackend()) == key
     for change in ({"doc_prefix": "passage: "}, {"pooling": "cls"}, {"normalize": not embedder.info.normalize},

@@ -22,7 +22,8 @@ from woolocal_ingest import ingest as ingest_mod
 from woolocal_ingest.cli import main
 from woolocal_ingest.stores import Store, verify_store
 from store_copies import copy_stores
-import pipelines.flow_embedders as flow_embedders
+from woolocal_ingest import embedders
+from woolocal_ingest.config import PurposeConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample-project"
@@ -200,7 +201,8 @@ def flow_embedder(monkeypatch, embedder):
     prepare_prefect_env(Path(os.environ["PREFECT_HOME"]))
     from pipelines import ingest_flow as flow_mod
 
-    monkeypatch.setitem(flow_embedders.EMBEDDERS, (MODEL, "auto", 32), embedder)
+    spec = embedders.EmbedderSpec.resolve(PurposeConfig(model=MODEL), "projects")  # the default config's purpose
+    monkeypatch.setitem(embedders.spec.EMBEDDERS, spec, embedder)
     return embedder
 
 

@@ -204,7 +204,8 @@ def test_a_write_racing_our_run_is_adopted(tmp_path, embedder, garden, langchain
         import woolocal_ingest.ingest as ing
 
         real = ing.embed_texts
-        monkeypatch.setattr(ing, "embed_texts", lambda emb, texts: (write_once(), real(emb, texts))[1])
+        monkeypatch.setattr(ing, "embed_texts",
+                            lambda emb, texts, *progress: (write_once(), real(emb, texts, *progress))[1])
     else:  # after the pre-swap check, before the rename: the swapped-out version holds Wooster's write
         real_swap = stores.swap_into_place
         monkeypatch.setattr(stores, "swap_into_place", lambda tmp, target: (write_once(), real_swap(tmp, target))[1])

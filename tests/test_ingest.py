@@ -20,9 +20,10 @@ from woolocal_ingest import ingest as ingest_mod
 from woolocal_ingest.chunking import ChunkSettings
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import run_ingest
+from woolocal_ingest.request import IngestRequest
 from woolocal_ingest.stores import Store, store_dir, verify_store
 from store_copies import copy_stores
-import pipelines.flow_embedders as flow_embedders
+from woolocal_ingest import embedders
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample-project"
 SETTINGS = ChunkSettings(200, 32)
@@ -453,12 +454,11 @@ def prefect_flow(monkeypatch, embedder, tmp_path):
     from pipelines import ingest_flow as flow_mod
 
     spy = Spy(embedder)
-    monkeypatch.setitem(flow_embedders.EMBEDDERS, (None, "auto", 32), spy)
+    monkeypatch.setitem(embedders.spec.EMBEDDERS, embedders.EmbedderSpec(), spy)
 
     def run(w: Work):
         with flow_settings():
-            return flow_mod.ingest_flow(project=PROJECT, root=str(w.proj), stores_root=str(w.stores),
-                                        chunk_tokens=SETTINGS.chunk_tokens, overlap_tokens=SETTINGS.overlap_tokens,
+            return flow_mod.ingest_flow(IngestRequest(PROJECT, w.proj, w.stores, chunking=SETTINGS).to_dict(),
                                         return_state=True)
 
     run.spy = spy

@@ -22,7 +22,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from woolocal_ingest import migrate
+from woolocal_ingest import embedders, migrate
+from woolocal_ingest.embedders import EmbedderSpec
 from woolocal_ingest.migrate import checkpoints
 from woolocal_ingest.migrate.backup import target_lock
 from woolocal_ingest.cli import main
@@ -149,9 +150,9 @@ def tiny(tmp_path_factory):
 @pytest.fixture
 def seeded(monkeypatch, embedder):
     """The CLI's target-model cache holding the session embedder for the test config's purposes (no reload)."""
-    cache = {("purpose", p, PurposeConfig(model=MODEL).model_dump_json(), None): embedder
-             for p in ("projects", "userProfile")}
-    monkeypatch.setattr("woolocal_ingest.migrate.model._EMBEDDERS", cache)
+    cache = {EmbedderSpec.resolve(PurposeConfig(model=MODEL), p): embedder for p in ("projects", "userProfile")}
+    for spec, emb in cache.items():
+        monkeypatch.setitem(embedders.spec.EMBEDDERS, spec, emb)
     return cache
 
 
@@ -454,7 +455,7 @@ def test_checkpoints_resume_and_are_discarded_when_source_or_model_change(tmp_pa
     key = json.loads((work / "key.json").read_text())
     assert key["source_fingerprint"] == migrate.source_fingerprint(src)[0] and key["batch"] == 3
     # Another model identity: the shards are not used (and are replaced).
-    monkeypatch.setattr(checkpoints, "_model_identity", lambda emb: {"name": "other"})
+    monkeypatch.setattr(checkpoints, "vector_identity", lambda emb: {"name": "other"})
     with pytest.raises(RuntimeError):
         migrate.migrate_store(src, "projects", config=cfg, out=out, embedder=embedder)
     assert json.loads((work / "key.json").read_text())["model"] == {"name": "other"}

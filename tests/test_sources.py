@@ -156,7 +156,7 @@ def test_dry_run_lists_what_would_be_indexed_without_a_model(garden, monkeypatch
         raise AssertionError("--dry-run must not load a model")
 
     monkeypatch.setattr(embedders, "load_embedder", no_model)
-    monkeypatch.setattr(embedders, "embedder_for", no_model)
+    monkeypatch.setattr(embedders, "get", no_model)
     r = CliRunner().invoke(main, ["ingest", str(garden), "--dry-run", "--json"])
     assert r.exit_code == 0, (r.stdout, r.stderr)
     d = json.loads(r.stdout)

@@ -119,7 +119,7 @@ def model_key(embedder: Any) -> str:
         "doc_prefix": info.doc_prefix,
         "max_tokens": int(info.max_tokens),
     }
-    quant = None if isinstance(embedder, ModelInfo) else getattr(embedder, "quantization", None)
+    quant = None if isinstance(embedder, ModelInfo) else embedder.quantization
     if quant:  # quantized weights give other vectors (4-bit MiniLM: cosine ~0.97 to float)
         ident["quantization"] = str(quant)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -662,7 +662,8 @@ class CachedEmbedder:
     are stored. Progress is reported for every text of the call (hits first, then the inner embedder's own
     progress, then in-call duplicates), so a bar reaches 100%. Counters: `hits` (texts served from the cache),
     `misses` (distinct texts sent to the inner embedder). `embed_query` is passed through uncached.
-    Everything else (info, backend, tokens, ...) is the inner embedder's.
+    Everything else of the Embedder interface (info, backend, tokens, generation, quantization, ensure_ready, ...) is
+    the inner embedder's; `uncached` is the inner embedder itself.
     """
 
     def __init__(self, inner: Any, cache: EmbeddingCache, key: str | None = None):
@@ -704,6 +705,10 @@ class CachedEmbedder:
     @property
     def tokens(self):
         return self.inner.tokens
+
+    @property
+    def uncached(self):
+        return self.inner
 
     def embed_query(self, text: str) -> np.ndarray:
         return self.inner.embed_query(text)

@@ -169,19 +169,14 @@ def ingest(obj: _Ctx, target, stores, model, backend, quantization, rebuild, pyt
         if dry_run:
             _dry_run(cfg, proj, no_ignore_files, as_json, names or obj.verbose)
             return
-        from woolocal_ingest import ingest as ingest_mod
-        from woolocal_ingest.documents import SourceOptions
-        from woolocal_ingest.preplan import pre_plan
+        from woolocal_ingest.preplan import pre_plan_request
+        from woolocal_ingest.request import IngestRequest
 
-        params = ingest_mod.ingest_params(cfg, proj, stores=stores, model=model, backend=backend,
-                                          python_layout=python_layout, rebuild=rebuild, no_cache=no_cache,
-                                          ignore_files=False if no_ignore_files else None, move=move,
-                                          quantization=quantization)
-        pre = pre_plan(params["project"], Path(params["root"]), Path(params["stores_root"]), params["model"],
-                       params["backend"], params["chunk_tokens"], params["overlap_tokens"], params["include"],
-                       params["exclude"], params["python_layout"], rebuild,
-                       sources=SourceOptions.from_dict(params.get("sources")),
-                       quantization=params["purpose"].get("quantization"))
+        request = IngestRequest.from_config(cfg, proj, stores=stores, model=model, backend=backend,
+                                            python_layout=python_layout, rebuild=rebuild, no_cache=no_cache,
+                                            ignore_files=False if no_ignore_files else None, move=move,
+                                            quantization=quantization)
+        pre = pre_plan_request(request)
         timings["preplan"] = round(time.perf_counter() - t0, 3)
         click.echo(pre.headline(), err=True)
         if pre.nothing_to_do:
@@ -196,17 +191,17 @@ def ingest(obj: _Ctx, target, stores, model, backend, quantization, rebuild, pyt
 
                 timings["prefect_import"] = round(time.perf_counter() - t, 3)
             t = time.perf_counter()
-            emb = _preload_embedder(params, flow=not no_prefect)
+            emb = _preload_embedder(request)
             timings["model_load"] = round(time.perf_counter() - t, 3)
-            ingest_mod.set_progress(bar)
             try:
                 if no_prefect:
-                    summary = _run_local(params, emb)
+                    from woolocal_ingest.ingest import run_request
+
+                    summary = run_request(request, emb, progress=bar).to_dict()
                 else:
-                    summary = _run_flow(params, runtime, cfg.task_runner.model_dump(), timings)
+                    summary = _run_flow(request, runtime, cfg.task_runner.model_dump(), timings, bar)
             finally:
                 bar.close()
-                ingest_mod.set_progress(None)
             if runtime is not None:
                 t = time.perf_counter()
                 runtime, rt = None, runtime
@@ -297,43 +292,15 @@ def _prefect_attach(cfg) -> tuple[str | None, str]:
     return (url, source) if url else (None, "")
 
 
-def _preload_embedder(params: dict, flow: bool):
+def _preload_embedder(request):
     """The run's embedder with its model loaded now (timed apart from the embedding; the progress bar's rate then
-    counts embedding only). With the flow, it is the very object the flow's tasks use (`pipelines.ingest_flow`)."""
-    if flow:
-        from pipelines.ingest_flow import preload_embedder
+    counts embedding only): the process's embedder for the request's spec, the very object the flow's tasks use."""
+    from woolocal_ingest import embedders
 
-        return preload_embedder(params)
-    emb = _purpose_embedder(params)
-    if hasattr(emb, "ensure_ready"):
-        emb.ensure_ready()
-    getattr(emb, "model", None)  # a local backend's weights (a lazy attribute)
-    return emb
+    return embedders.get(request.embedder).ensure_ready().load()
 
 
-def _run_local(params: dict, emb=None) -> dict:
-    from woolocal_ingest.chunking import ChunkSettings
-    from woolocal_ingest.documents import SourceOptions
-    from woolocal_ingest.ingest import run_ingest
-
-    emb = emb or _purpose_embedder(params)
-    return run_ingest(params["project"], Path(params["root"]), Path(params["stores_root"]), emb,
-                      ChunkSettings(params["chunk_tokens"], params["overlap_tokens"]), params["include"],
-                      params["exclude"], params["python_layout"], params.get("rebuild", False),
-                      cache=params.get("cache"), sources=SourceOptions.from_dict(params.get("sources")),
-                      move=params.get("move", False)).to_dict()
-
-
-def _purpose_embedder(params: dict):
-    from woolocal_ingest.config import PurposeConfig
-    from woolocal_ingest.embedders import embedder_for
-
-    purpose = PurposeConfig(**params["purpose"])
-    return embedder_for(purpose, params["purpose_name"], model=params["model_override"],
-                        backend=params["backend_override"])
-
-
-def _run_flow(params: dict, runtime, task_runner: dict | None, timings: dict) -> dict:
+def _run_flow(request, runtime, task_runner: dict | None, timings: dict, progress) -> dict:
     """The Prefect flow on flows.yaml's `task_runner`: threads here (default), or Dask (an existing scheduler at
     `address`, else a LocalCluster of `workers` processes started and closed for this run). `timings` gets
     `prefect_wait`: how long the API server still took to answer once the model was loaded."""
@@ -343,7 +310,8 @@ def _run_flow(params: dict, runtime, task_runner: dict | None, timings: dict) ->
     from pipelines.runtime import flow_result
 
     with runtime.settings():
-        return flow_result(run_ingest_flow(params, task_runner), "ingest flow")  # applies flow_settings()
+        return flow_result(run_ingest_flow(request, task_runner, progress=progress),
+                           "ingest flow")  # applies flow_settings()
 
 
 def _print_ingest_summary(s: dict, names: bool = False) -> None:

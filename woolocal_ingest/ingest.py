@@ -22,35 +22,19 @@ from woolocal_ingest.documents import (
     Skipped, SourceOptions, describe_redactions, hash_sources, kept_files, parse, read_source,
 )
 from woolocal_ingest.embedders.base import Embedder
+from woolocal_ingest.embedders.identity import model_identity
 from woolocal_ingest.errors import DocumentError, ModelChangedError, SourceMismatchError, StoreError, WoolocalError
 from woolocal_ingest.fsutil import make_backup
 from woolocal_ingest.manifest import read_manifest
 from woolocal_ingest.stores import StoreChangedError, read_record, store_dir, write_store
 
 if TYPE_CHECKING:  # pragma: no cover
-    from woolocal_ingest.config import FlowsConfig, ProjectConfig
+    from woolocal_ingest.request import IngestRequest
 
 EMBED_TASK_SIZE = 512  # chunks per embedding task: coarse, so per-task orchestration cost hides under the model
 LOAD_GROUP_BYTES = 1 << 20  # raw bytes per load+chunk task: several groups, so chunking overlaps embedding
 
 ProgressFn = Callable[[str, int], None]  # ("total+", n) as work is found, ("embedded", n) per batch done
-_progress: ProgressFn | None = None
-
-
-def set_progress(fn: ProgressFn | None) -> None:
-    """Route embedding progress to `fn` (the CLI's bar); None turns it off."""
-    global _progress
-    _progress = fn
-
-
-def _emit(event: str, n: int) -> None:
-    if _progress is not None:
-        _progress(event, n)
-
-
-def emit_progress(event: str, n: int) -> None:
-    """Report progress to what `set_progress` installed (the Prefect flow's steps report through this)."""
-    _emit(event, n)
 
 
 @dataclass
@@ -144,21 +128,6 @@ class IngestSummary:
         return d
 
 
-def model_identity(embedder: Embedder) -> dict:
-    """What decides an embedder's vectors, as a store's manifest records it (`model`): the model's facts, the sha256
-    of its files, the backend and the precision (with the int8 gate's figures). Ingest and migrate use this one."""
-    info = embedder.info
-    if getattr(embedder, "quantization", None) == "int8" and callable(getattr(embedder, "load", None)):
-        embedder.load()  # int8 is what it is only once gated (a failed gate may fall back to fp32)
-    quant = getattr(embedder, "quantization", None)
-    out = {**info.to_manifest(), "backend": embedder.backend, "files_sha256": info.files_sha256(),
-           "quantization": str(quant) if quant else None}
-    report = getattr(embedder, "gate_report", None)
-    if report is not None:  # int8: how close it came to float32 (or that it failed and float32 was used)
-        out["quantization_gate"] = report.to_dict()
-    return out
-
-
 def precision(quantization: str | None) -> str:
     """How a manifest's `quantization` reads in messages: int8, 4 (MLX bits) or fp32."""
     return str(quantization) if quantization else "fp32"
@@ -166,8 +135,7 @@ def precision(quantization: str | None) -> str:
 
 def check_gate_on_store(embedder: Embedder, target: Path) -> None:
     """An int8 embedder about to write into an existing store is gated on that store's own texts too (a sample)."""
-    check = getattr(embedder, "check_sample", None)
-    if not callable(check) or getattr(embedder, "quantization", None) != "int8":
+    if embedder.quantization != "int8":
         return
     parquet = Path(target) / "chunks.parquet"
     if not parquet.is_file():
@@ -178,46 +146,7 @@ def check_gate_on_store(embedder: Embedder, target: Path) -> None:
         texts = pq.read_table(parquet, columns=["text"]).column("text").to_pylist()
     except Exception:  # an unreadable record is reported by the store checks, not here
         return
-    check(texts)
-
-
-def ingest_params(cfg: "FlowsConfig", proj: "ProjectConfig", *, stores: str | Path | None = None,
-                  model: str | None = None, backend: str | None = None, python_layout: bool | None = None,
-                  rebuild: bool = False, no_cache: bool = False, ignore_files: bool | None = None,
-                  move: bool = False, quantization: str | None = None) -> dict:
-    """The ingest flow's parameters for a project of flows.yaml (what `woolocal ingest` and a scheduled run send);
-    the keyword arguments are the command line's overrides. Checks the purpose's `dimensions` against its model (an
-    explicit `model` makes its own store and skips it)."""
-    purpose = cfg.purpose(proj.purpose)
-    if quantization is not None:  # --quantization: the purpose's setting, overridden (and checked like it)
-        from woolocal_ingest.config import with_quantization
-
-        purpose = with_quantization(purpose, quantization, f"purposes.{proj.purpose}")
-    chunking = cfg.chunking(proj)
-    params = dict(
-        project=proj.name, root=str(cfg.project_root(proj)),
-        stores_root=str(Path(stores).resolve() if stores else cfg.stores_root(proj)),
-        model=model or purpose.model, backend=backend or purpose.backend, batch_size=purpose.batch_size,
-        purpose=purpose.model_dump(mode="json"), purpose_name=proj.purpose, model_override=model,
-        backend_override=backend, chunk_tokens=chunking.chunk_tokens, overlap_tokens=chunking.overlap_tokens,
-        include=list(proj.include), exclude=list(proj.exclude),
-        python_layout=cfg.python_layout(proj) if python_layout is None else python_layout,
-        cache=cfg.cache_settings(no_cache),
-        sources=asdict(cfg.sources(proj, ignore_files=ignore_files)),
-    )
-    if move:
-        params["move"] = True
-    if rebuild:
-        params["rebuild"] = True
-    if purpose.dimensions is not None and model is None:
-        from woolocal_ingest.embedders import resolve_model
-        from woolocal_ingest.errors import ConfigError
-
-        info = resolve_model(params["model"])
-        if info.dim != purpose.dimensions:
-            raise ConfigError(f"purposes.{proj.purpose}.dimensions is {purpose.dimensions} but model "
-                              f"{info.name} makes {info.dim}-dim vectors")
-    return params
+    embedder.check_sample(texts)
 
 
 def check_source_root(project_dir: Path, root: Path, move: bool = False) -> None:
@@ -380,9 +309,9 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def embed_texts(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
-    """Embed one batch of texts, reporting progress; float32 [n, dim], L2-normalised."""
-    return embedder.embed_documents(list(texts), progress=lambda n: _emit("embedded", n))
+def embed_texts(embedder: Embedder, texts: Sequence[str], progress: ProgressFn | None = None) -> np.ndarray:
+    """Embed one batch of texts, reporting ("embedded", n) to `progress`; float32 [n, dim], L2-normalised."""
+    return embedder.embed_documents(list(texts), progress=(lambda n: progress("embedded", n)) if progress else None)
 
 
 def with_cache(embedder: Embedder, stores_root: str | Path, cache: dict | None) -> Embedder:
@@ -397,8 +326,7 @@ def with_cache(embedder: Embedder, stores_root: str | Path, cache: dict | None) 
 
 def padding_waste(embedder: Embedder) -> float:
     """Padding share over everything `embedder` (or the one it wraps) has embedded so far."""
-    inner = getattr(embedder, "inner", None) or getattr(embedder, "active", None) or embedder
-    real, padded = getattr(inner, "real_tokens", 0), getattr(inner, "padded_tokens", 0)
+    real, padded = embedder.real_tokens, embedder.padded_tokens
     return round(1.0 - real / padded, 4) if padded else 0.0
 
 
@@ -428,7 +356,7 @@ def assemble_and_write(plan: IngestPlan, loaded: Sequence[Loaded], new_texts: Se
 
     The write is refused (StoreChangedError) if another writer changed the store since `plan` read it."""
     t0 = time.perf_counter()
-    choice = getattr(embedder, "choice", None)
+    choice = embedder.choice
     summary = IngestSummary(project=plan.project, store=str(plan.target), model=embedder.model_name,
                             backend=embedder.backend, dim=embedder.dim, backend_reason=choice.reason if choice else "")
     record = read_record(Path(plan.previous)) if plan.previous is not None else None
@@ -542,8 +470,9 @@ RACE_ATTEMPTS = 3  # runs in a row that find the store written by another progra
 def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
                include: Sequence[str], exclude: Sequence[str], python_layout: bool = False,
                rebuild: bool = False, cache: dict | None = None, sources: SourceOptions | None = None,
-               move: bool = False) -> IngestSummary:
-    """The whole ingest in this process, without Prefect: the same steps the flow runs as tasks.
+               move: bool = False, *, progress: ProgressFn | None = None) -> IngestSummary:
+    """The whole ingest in this process, without Prefect: the same steps the flow runs as tasks (`run_request`
+    runs an IngestRequest with them). `progress` gets ("total+", n) and ("embedded", n) as the embedding goes.
 
     With a FallbackEmbedder, a switch to the fallback mid-run re-embeds everything with it (into the fallback
     model's own store): a store never mixes two models. When another program (Wooster) writes into the store
@@ -552,7 +481,7 @@ def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, 
     for attempt in range(1, RACE_ATTEMPTS + 1):
         try:
             return _run_ingest_once(project, root, stores_root, embedder, settings, include, exclude, python_layout,
-                                    rebuild, cache, sources, move)
+                                    rebuild, cache, sources, move, progress)
         except StoreChangedError:
             if attempt == RACE_ATTEMPTS:
                 raise
@@ -561,10 +490,10 @@ def run_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder, 
 
 def _run_ingest_once(project: str, root: Path, stores_root: Path, embedder: Embedder, settings: ChunkSettings,
                      include: Sequence[str], exclude: Sequence[str], python_layout: bool, rebuild: bool,
-                     cache: dict | None, sources: SourceOptions | None, move: bool) -> IngestSummary:
-    if hasattr(embedder, "ensure_ready"):
-        embedder.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
-    generation = getattr(embedder, "generation", 0)
+                     cache: dict | None, sources: SourceOptions | None, move: bool,
+                     progress: ProgressFn | None) -> IngestSummary:
+    embedder.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
+    generation = embedder.generation
     t = time.perf_counter()
     plan = plan_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, rebuild,
                        sources=sources, move=move)
@@ -575,15 +504,28 @@ def _run_ingest_once(project: str, root: Path, stores_root: Path, embedder: Embe
     t = time.perf_counter()
     seen: set[str] = set()
     texts = adopted_texts(plan, seen) + [x for group in loaded for x in texts_to_embed(plan, group, seen)]
-    _emit("total+", len(texts))
+    if progress:
+        progress("total+", len(texts))
     emb = with_cache(embedder, stores_root, cache)
-    vectors = [embed_texts(emb, b) for b in batched(texts, EMBED_TASK_SIZE)]
+    vectors = [embed_texts(emb, b, progress) for b in batched(texts, EMBED_TASK_SIZE)]
     t_embed = time.perf_counter() - t
-    if getattr(embedder, "generation", 0) != generation:
+    if embedder.generation != generation:
         return run_ingest(project, root, stores_root, embedder, settings, include, exclude, python_layout, True, cache,
-                          sources, move)
+                          sources, move, progress=progress)
     summary = assemble_and_write(plan, loaded, texts, vectors, embedder)
-    summary.cached = getattr(emb, "hits", 0)
+    summary.cached = emb.hits
     summary.padding_waste = padding_waste(embedder)
     summary.timings.update(plan=round(t_plan, 3), load_chunk=round(t_chunk, 3), embed=round(t_embed, 3))
     return summary
+
+
+def run_request(request: "IngestRequest", embedder: Embedder | None = None, *,
+                progress: ProgressFn | None = None) -> IngestSummary:
+    """`run_ingest` for an IngestRequest, with `embedder` or else the process's embedder for its spec."""
+    if embedder is None:
+        from woolocal_ingest import embedders
+
+        embedder = embedders.get(request.embedder)
+    r = request
+    return run_ingest(r.project, r.root, r.stores_root, embedder, r.chunking, r.include, r.exclude, r.python_layout,
+                      r.rebuild, r.cache, r.sources, r.move, progress=progress)

@@ -52,7 +52,7 @@ def _embedder_for(model: str | None, backend: str | None, config: Any) -> "Embed
     """A purpose of flows.yaml (its backend, endpoint and fallback) or a model name/folder; None = `projects`."""
     from pathlib import Path
 
-    from woolocal_ingest.embedders import embedder_for, load_embedder
+    from woolocal_ingest.embedders import EmbedderSpec, load_embedder
 
     if model is not None and (os.path.sep in model and Path(model).expanduser().exists()):
         return load_embedder(model, backend=backend or "auto")  # a model folder
@@ -62,7 +62,7 @@ def _embedder_for(model: str | None, backend: str | None, config: Any) -> "Embed
         config = load_config()
     name = model or "projects"
     if name in config.purposes:
-        return embedder_for(config.purpose(name), name, backend=backend)
+        return EmbedderSpec.resolve(config.purpose(name), name, backend=backend).build()  # its own, not shared
     return load_embedder(model, backend=backend or "auto")
 
 

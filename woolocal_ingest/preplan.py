@@ -15,12 +15,15 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from woolocal_ingest.documents import Skipped, SourceOptions, hash_sources, kept_files, parse, read_source
 from woolocal_ingest.errors import DocumentError, StoreError, WoolocalError
 from woolocal_ingest.fsutil import sha256_file, write_text_atomic
 from woolocal_ingest.manifest import read_manifest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from woolocal_ingest.request import IngestRequest
 
 
 
@@ -198,3 +201,11 @@ def pre_plan(project: str, root: Path, stores_root: Path, model: str | None, bac
     if drift:
         pre.work = f"the store was changed outside woolocal ({drift})"
     return pre
+
+
+def pre_plan_request(request: "IngestRequest") -> PrePlan:
+    """`pre_plan` for an IngestRequest: what `woolocal ingest` and a scheduled run look at first."""
+    r, spec = request, request.embedder
+    return pre_plan(r.project, r.root, r.stores_root, spec.model, spec.backend, r.chunking.chunk_tokens,
+                    r.chunking.overlap_tokens, r.include, r.exclude, r.python_layout, r.rebuild, sources=r.sources,
+                    quantization=spec.quantization)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -62,12 +62,24 @@ class TokenCounter:
     def ids(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def token_starts(self, text: str) -> list[int]:
+        """The character offset where each token of `text` starts (for cutting text at token boundaries)."""
+        return [o[0] for o in self._tok.encode(text, add_special_tokens=False).offsets]
+
 
 class Embedder(Protocol):
-    """What ingest, search and the service need from a backend."""
+    """What ingest, migrate, search and the service need from a backend (`EmbedderBase` gives the defaults of the
+    members most backends do not vary; the wrappers - fallback, embedding cache - delegate)."""
 
     info: ModelInfo
     backend: str
+    generation: int  # 0; a FallbackEmbedder counts its switch (vectors of two generations are two models')
+    quantization: str | int | None  # "int8" (ONNX Runtime), 4/8 bits (MLX) or None: float weights
+    gate_report: Any  # quantize.GateReport once an int8 model was gated, else None
+    choice: "BackendChoice | None"  # which backend `load_embedder` picked and why (None: not picked by it)
+    hits: int  # texts an embedding cache served instead of the model (0 without one)
+    real_tokens: int  # tokens embedded so far, and the padded tokens they took (padding waste)
+    padded_tokens: int
 
     @property
     def model_name(self) -> str: ...
@@ -77,6 +89,10 @@ class Embedder(Protocol):
     def max_tokens(self) -> int: ...
     @property
     def tokens(self) -> TokenCounter: ...
+    @property
+    def uncached(self) -> "Embedder":
+        """This embedder without an embedding cache in front (what really embeds)."""
+        ...
 
     def embed_documents(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
         """float32 [n, dim], L2-normalised, in input order."""
@@ -85,6 +101,44 @@ class Embedder(Protocol):
     def embed_query(self, text: str) -> np.ndarray:
         """float32 [dim], L2-normalised; the model's query prefix applied."""
         ...
+
+    def ensure_ready(self) -> "Embedder":
+        """Make sure the embedder can embed before anything is planned with it (a fallback whose primary cannot
+        load switches now); returns itself."""
+        ...
+
+    def load(self) -> "Embedder":
+        """Load the model now (weights, session; an int8 model is gated) rather than on the first embedding."""
+        ...
+
+    def check_sample(self, texts: list[str]) -> None:
+        """An int8 model gated on a store's own texts too (nothing for other precisions)."""
+        ...
+
+
+class EmbedderBase:
+    """The defaults of the Embedder members most backends do not vary."""
+
+    generation = 0
+    quantization: str | int | None = None
+    gate_report: Any = None
+    choice: "BackendChoice | None" = None
+    hits = 0
+    real_tokens = 0
+    padded_tokens = 0
+
+    @property
+    def uncached(self) -> "Embedder":
+        return self  # type: ignore[return-value]
+
+    def ensure_ready(self) -> "Embedder":
+        return self  # type: ignore[return-value]
+
+    def load(self) -> "Embedder":
+        return self  # type: ignore[return-value]
+
+    def check_sample(self, texts: list[str]) -> None:
+        return None
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -108,7 +162,7 @@ def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
     raise ValueError(f"pooling mode {mode!r} is not supported (mean, cls, max, lasttoken)")
 
 
-class LocalModel:
+class LocalModel(EmbedderBase):
     """The model facts every local backend exposes, read from its ModelInfo (`self.info`)."""
 
     info: ModelInfo

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from woolocal_ingest.config import EndpointConfig, PurposeConfig
-from woolocal_ingest.embedders.base import Embedder, Progress
+from woolocal_ingest.embedders.base import Embedder, EmbedderBase, Progress
 from woolocal_ingest.embedders.router import purpose_loader
 from woolocal_ingest.embedders.openai_compat import (
     OpenAICompatibleEmbedder, RemoteEndpointRefusedError, is_loopback_url, redact_url,
@@ -92,7 +92,7 @@ class _ProgressGuard:
         return report
 
 
-class FallbackEmbedder:
+class FallbackEmbedder(EmbedderBase):
     """An Embedder that is the primary until it fails, then the fallback for good.
 
     `primary_factory` / `fallback_factory` build the embedders (the fallback's is only called when needed, after the
@@ -236,6 +236,20 @@ class FallbackEmbedder:
         that cannot work is replaced before the ingest layer plans with it."""
         self._run(lambda e: (e.embed_query("ready"), e.dim), "first use")
         return self
+
+    def load(self) -> "FallbackEmbedder":
+        self.active.load()
+        return self
+
+    # The active embedder's batch counters (padding waste). Its precision, gate report and backend choice are not
+    # passed through: as before this seam, a purpose with a fallback records quantization None in its manifest.
+    @property
+    def real_tokens(self) -> int:  # type: ignore[override]
+        return self.active.real_tokens
+
+    @property
+    def padded_tokens(self) -> int:  # type: ignore[override]
+        return self.active.padded_tokens
 
     def __repr__(self) -> str:
         return (f"FallbackEmbedder(active={self.active_role}, primary={self.primary_label!r}, "

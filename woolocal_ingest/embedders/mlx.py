@@ -211,6 +211,11 @@ class MLXEmbedder(TransformerEmbedder):
         with self._lock:
             return self._on_worker(self._load)
 
+    def load(self) -> "MLXEmbedder":
+        """Load the weights now rather than on the first embedding."""
+        _ = self.model
+        return self
+
     def _run(self, model, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         import mlx.core as mx
 

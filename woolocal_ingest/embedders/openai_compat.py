@@ -46,7 +46,7 @@ import httpx
 import numpy as np
 
 from woolocal_ingest.config import EndpointConfig
-from woolocal_ingest.embedders.base import Progress, TokenCounter, l2_normalise
+from woolocal_ingest.embedders.base import EmbedderBase, Progress, TokenCounter, l2_normalise
 from woolocal_ingest.embedders.registry import (
     KNOWN_DOC_PREFIXES, KNOWN_QUERY_PREFIXES, ModelInfo, resolve_model, slugify,
 )
@@ -244,7 +244,7 @@ def decode_embedding(emb: Any) -> np.ndarray:
 # -- the embedder ------------------------------------------------------------------------------------------------
 
 
-class OpenAICompatibleEmbedder:
+class OpenAICompatibleEmbedder(EmbedderBase):
     """The Embedder interface over `POST {base}/embeddings` of an OpenAI-compatible server.
 
     `model` is the model's name here (the manifest's model name, and the local tokenizer looked up for chunking);

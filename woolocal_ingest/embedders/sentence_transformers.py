@@ -43,6 +43,11 @@ class SentenceTransformerEmbedder(LocalModel):
         model.max_seq_length = self.info.max_tokens
         return model
 
+    def load(self) -> "SentenceTransformerEmbedder":
+        """Load the weights now rather than on the first embedding."""
+        _ = self.model
+        return self
+
     def _encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         with self._lock:  # one torch forward at a time: it already uses every core
             out = self.model.encode(

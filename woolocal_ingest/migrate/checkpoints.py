@@ -15,7 +15,7 @@ import numpy as np
 from woolocal_ingest.chunking import Chunk
 from woolocal_ingest.fsutil import fsync_dir, fsync_file
 from woolocal_ingest.migrate.errors import MigrationError
-from woolocal_ingest.migrate.model import _model_identity
+from woolocal_ingest.migrate.model import vector_identity
 from woolocal_ingest.migrate.plan import Plan, rows_digest
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ def embed_checkpointed(plan: Plan, emb: "Embedder", config: "FlowsConfig", progr
     batch = _batch_size()
     dim = emb.dim
     work = work_dir(plan.target)
-    key = {"version": WORK_VERSION, "source_fingerprint": plan.fingerprint, "model": _model_identity(emb),
+    key = {"version": WORK_VERSION, "source_fingerprint": plan.fingerprint, "model": vector_identity(emb),
            "batch": batch, "limit": plan.limit, "rows": len(rows), "rows_sha256": rows_digest(rows),
            "trusted": len(plan.trusted),
            "order": "tokens-desc"}
@@ -179,18 +179,18 @@ def embed_checkpointed(plan: Plan, emb: "Embedder", config: "FlowsConfig", progr
     root = config.stores_root().resolve()
     cached = with_cache(emb, root if plan.target.is_relative_to(root) else plan.target.parent,
                         config.cache_settings())
-    generation = getattr(emb, "generation", 0)
+    generation = emb.generation
     for b in todo:
         idx = groups[b]
         part = [rows[i] for i in idx]
         v = np.ascontiguousarray(_embed_rows(cached, [c.text for c in part], progress), dtype=np.float32)
         if v.shape != (len(part), dim):
             raise MigrationError(f"{emb.model_name} returned vectors of shape {v.shape} for {len(part)} texts")
-        if getattr(emb, "generation", 0) != generation:
+        if emb.generation != generation:
             raise MigrationError(f"{plan.target}: the embedder switched to its fallback mid-run; a store never mixes "
                                  "two models - run the migration again")
         _write_shard(work / _shard_name(b), idx, part, v)
         vectors[idx] = v
         out.embedded += len(part)
-    out.cached = int(getattr(cached, "hits", 0))
+    out.cached = int(cached.hits)
     return out

@@ -28,11 +28,11 @@ def token_limit(emb: "Embedder") -> int:
 def split_text(counter: Any, text: str, limit: int) -> list[str]:
     """Consecutive pieces of `text` of at most `limit` tokens each that concatenate to `text` exactly; cuts prefer a
     paragraph, line, sentence or word boundary in the second half of each window, else fall on a token boundary."""
-    tok = getattr(counter, "_tok", None)
-    if tok is None:  # a counter without offsets: token boundaries only
+    token_starts = getattr(counter, "token_starts", None)  # a remote model's counter may not know offsets
+    if token_starts is None:  # a counter without offsets: token boundaries only
         pieces = counter.split(text, limit)
     else:
-        starts = [o[0] for o in tok.encode(text, add_special_tokens=False).offsets]
+        starts = token_starts(text)
         if len(starts) <= limit:
             return [text]
         pieces, pos, t = [], 0, 0

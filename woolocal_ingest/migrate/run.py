@@ -44,7 +44,7 @@ def set_progress(fn: ProgressFn | None) -> None:
 
 
 def _manifest(plan: Plan, emb: "Embedder") -> dict:
-    from woolocal_ingest.ingest import model_identity
+    from woolocal_ingest.embedders import model_identity
 
     lg = plan.legacy
     problems = [p.to_dict() for p in lg.problems + plan.problems]
@@ -146,8 +146,7 @@ def _migrate_once(request: MigrateRequest, config: "FlowsConfig", progress: Prog
         raise MigrationInputError("give either an out folder or in_place, not both")
     emb = embedder if embedder is not None else resolve_embedder(request.to, config, request.backend,
                                                                  request.quantization)
-    if hasattr(emb, "ensure_ready"):
-        emb.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
+    emb.ensure_ready()  # a primary that cannot load is replaced before anything is planned with it
     target = _target(request, source, config, emb)
     summary = MigrationSummary(status="planned" if request.dry_run else "failed", source=str(source),
                                store=str(target), name=request.name, model=emb.model_name, backend=emb.backend,

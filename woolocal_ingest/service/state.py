@@ -93,31 +93,26 @@ class ModelSlot:
 
 Loader = Callable[[ModelSpec], Embedder]
 
-# Loaded embedders shared by every app of this process (tests build many apps; `woolocal serve` builds one).
+# Embedders come from the process's one cache (`embedders.get`), shared by every app of this process (tests build
+# many apps; `woolocal serve` builds one); these are the ones warmed up already.
 _shared_lock = threading.Lock()
-_shared: dict[tuple, Embedder] = {}
+_warm: set = set()
 
 
 def default_loader(spec: ModelSpec) -> Embedder:
     """Build the embedder a spec names (a purpose: its backend, endpoint and fallback) and load its weights."""
-    from woolocal_ingest.embedders import embedder_for, load_embedder
+    from woolocal_ingest import embedders
 
-    cache_key = (spec.model, spec.backend, spec.purpose_cfg.model_dump_json() if spec.purpose_cfg else None,
-                 spec.quantization)
+    es = (embedders.EmbedderSpec.resolve(spec.purpose_cfg, spec.purpose or DEFAULT_PURPOSE)
+          if spec.purpose_cfg is not None
+          else embedders.EmbedderSpec(spec.model, backend=spec.backend, quantization=spec.quantization))
     with _shared_lock:
-        emb = _shared.get(cache_key)
-        if emb is not None:
-            return emb
-        if spec.purpose_cfg is not None:
-            emb = embedder_for(spec.purpose_cfg, spec.purpose or DEFAULT_PURPOSE)
-        else:
-            emb = load_embedder(spec.model, backend=spec.backend, quantization=spec.quantization)
-        ensure_ready = getattr(emb, "ensure_ready", None)
-        if callable(ensure_ready):
-            ensure_ready()
-        emb.embed_documents(["warm up"])  # loads the weights and the tokenizer now, not on the first request
-        _ = emb.tokens
-        _shared[cache_key] = emb
+        emb = embedders.get(es)
+        if es not in _warm:
+            emb.ensure_ready()
+            emb.embed_documents(["warm up"])  # loads the weights and the tokenizer now, not on the first request
+            _ = emb.tokens
+            _warm.add(es)
         return emb
 
 
@@ -337,7 +332,7 @@ class ServiceState:
         float32 store with float32 whatever `serve --quantization` says. APIError 409 for a precision this
         service cannot make (an MLX bit width)."""
         slot = self.slot(key)
-        have = getattr(self.embedder(slot.key), "quantization", None) or None
+        have = self.embedder(slot.key).quantization or None
         want = quantization or None
         if have == want:
             return slot.key
@@ -350,7 +345,7 @@ class ServiceState:
             variant = next((s for s in self.slots if s.key == vkey), None)
             if variant is None:
                 model = str(slot.info.path) if slot.info is not None else slot.spec.model
-                backend = "onnx" if want == "int8" else getattr(slot.embedder, "backend", slot.spec.backend)
+                backend = "onnx" if want == "int8" else slot.embedder.backend
                 variant = ModelSlot(key=vkey, spec=ModelSpec(model=model, backend=backend, quantization=want),
                                     info=slot.info, on_demand=True)
                 self.slots.append(variant)
