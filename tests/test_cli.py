@@ -432,3 +432,34 @@ def test_console_script_exit_codes(copy, tmp_path):
     p = subprocess.run([*_woolocal(), "stores", "verify", str(target)], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=120)
     assert p.returncode == 1 and "faiss.index" in p.stdout
+
+
+def test_ctrl_c_after_the_swap_says_the_store_was_written(tmp_path, monkeypatch, embedder):
+    """A Ctrl-C that lands after the new store was swapped in (while the run finishes up) exits 130 and says the
+    store holds the run's result, not that nothing was written; one before the swap says nothing was written."""
+    import woolocal_ingest.ingest as ingest_mod
+    from woolocal_ingest.api import open_store
+
+    proj = tmp_path / "garden"
+    shutil.copytree(SAMPLE, proj)
+    stores = tmp_path / "stores"
+    real = ingest_mod.run_request
+
+    def then_interrupted(request, emb, progress=None):
+        real(request, emb, progress=progress)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_mod, "run_request", then_interrupted)
+    r = cli("ingest", str(proj), "--stores", str(stores), "--no-prefect", code=130)
+    (line,) = r.stderr.strip().splitlines()[-1:]
+    assert line.startswith("interrupted: after the store was written: ") and "complete result" in line
+    assert open_store(next((stores / "garden").iterdir())).count > 0
+
+    def interrupted_first(request, emb, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_mod, "run_request", interrupted_first)
+    (proj / "new.md").write_text("# New\n\nA new note about the tool shed key.\n")
+    r = cli("ingest", str(proj), "--stores", str(stores), "--no-prefect", code=130)
+    assert r.stderr.strip().splitlines()[-1] == ("interrupted: nothing was written; the store is as it was before "
+                                                 "this run")

@@ -170,8 +170,12 @@ def test_ctrl_c_is_one_line_exit_130_and_the_store_intact(ingested, tmp_path, de
         return {p: p.read_bytes() for p in stores.rglob("*") if p.is_file() and ".cache" not in p.parts}
 
     before = store_files()
-    for f in sorted(project.rglob("*.md")):
-        f.write_text(f.read_text() + "\n\nA paragraph added to every file, so there is work.\n")
+    # enough new text (~80 new chunks a file) that the flow is still embedding when the later Ctrl-C arrives
+    words = ("soil", "compost", "water", "seed", "ledger", "shed", "harvest", "volunteer", "plot", "fee", "tomato")
+    for n, f in enumerate(sorted(project.rglob("*.md"))):
+        extra = "\n\n".join(f"Added note {n}.{i}: " + " ".join(words[(i * 7 + j * 3 + n) % len(words)]
+                                                            for j in range(60)) + "." for i in range(160))
+        f.write_text(f.read_text() + "\n\n" + extra + "\n")
     proc = subprocess.Popen(woolocal("ingest", str(project), "--stores", str(stores)), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:

@@ -127,6 +127,13 @@ def _process_age() -> float:
         return 0.0
 
 
+def _store_stamp(store: Path | None):
+    """The identity of a store's manifest.json (rewritten by every swap of ours), None when there is none."""
+    from woolocal_ingest.fsutil import snapshot
+
+    return snapshot(store, ["manifest.json"])["manifest.json"] if store is not None else None
+
+
 def _interrupted(what: str) -> "click.exceptions.Exit":
     """Ctrl-C: one line, exit 130 (128 + SIGINT). Stores are written atomically, so the previous one is intact."""
     click.echo(f"interrupted: {what}", err=True)
@@ -161,7 +168,7 @@ def ingest(obj: _Ctx, target, stores, model, backend, quantization, rebuild, pyt
     it start Prefect's API (or attach to PREFECT_API_URL / a running `schedule serve`) and load the model."""
     t0 = time.perf_counter()
     timings = {"startup": round(_process_age(), 3)}
-    runtime = None
+    runtime = pre = written_before = None
     bar = _Bar(enabled=sys.stderr.isatty())
     try:
         cfg = obj.config
@@ -177,6 +184,7 @@ def ingest(obj: _Ctx, target, stores, model, backend, quantization, rebuild, pyt
                                             ignore_files=False if no_ignore_files else None, move=move,
                                             quantization=quantization)
         pre = pre_plan_request(request)
+        written_before = _store_stamp(pre.store)
         timings["preplan"] = round(time.perf_counter() - t0, 3)
         click.echo(pre.headline(), err=True)
         if pre.nothing_to_do:
@@ -214,6 +222,8 @@ def ingest(obj: _Ctx, target, stores, model, backend, quantization, rebuild, pyt
         summary["timings"]["total"] = round(timings["startup"] + wall, 3)
     except KeyboardInterrupt:
         bar.close()
+        if pre is not None and _store_stamp(pre.store) != written_before:  # the swap had happened: say so
+            raise _interrupted(f"after the store was written: {pre.store} holds this run's complete result")
         raise _interrupted("nothing was written; the store is as it was before this run")
     finally:
         if runtime is not None:
