@@ -68,7 +68,7 @@ def make_folder(corpus: Path, dst: Path, docs: int) -> int:
 
 def run(args: list[str], env: dict, cwd: Path) -> dict:
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", "import sys; from woolocal_ingest.cli import main; "
+    r = subprocess.run([sys.executable, "-c", "import sys; from woolocal_cli import main; "
                         "sys.exit(main(prog_name='woolocal'))", *args], env=env, cwd=cwd, capture_output=True,
                        text=True)
     wall = time.perf_counter() - t

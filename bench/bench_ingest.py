@@ -34,7 +34,7 @@ def arm_ingest(corpus: str, stores: str) -> dict:
     t0 = time.perf_counter()
     from click.testing import CliRunner
 
-    from woolocal_ingest.cli import main
+    from woolocal_cli import main
 
     res = CliRunner().invoke(main, ["ingest", corpus, "--stores", stores, "--json"], catch_exceptions=False)
     wall = time.perf_counter() - t0

@@ -51,7 +51,7 @@ def fp32_gemm_gflops(seconds: float = 2.0) -> float:
 
 def woolocal(args: list[str], stdin: str | None = None, env: dict | None = None) -> float:
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", "from woolocal_ingest.cli import main; main()", *args], input=stdin,
+    out = subprocess.run([sys.executable, "-c", "from woolocal_cli import main; main()", *args], input=stdin,
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"woolocal {args} failed:\n{out.stderr[-3000:]}")

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 FIXTURE = SHARED / "fixtures" / "legacy-stores" / "js_openai1536_store"
 CORPUS = SHARED / "corpora" / "conda-docs"
-WOOLOCAL = [sys.executable, "-m", "woolocal_ingest.cli"]
+WOOLOCAL = [sys.executable, "-m", "woolocal_cli"]
 
 
 
@@ -84,7 +84,7 @@ def arm_migrate(src: str, out: str) -> dict:
     t0 = time.perf_counter()
     from click.testing import CliRunner
 
-    from woolocal_ingest.cli import main
+    from woolocal_cli import main
 
     res = CliRunner().invoke(main, ["migrate", src, "--to", "projects", "--out", out, "--json"],
                              catch_exceptions=False)

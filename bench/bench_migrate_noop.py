@@ -25,7 +25,7 @@ from bench_migrate import build_conda_store  # noqa: E402
 
 def run(args: list[str], cwd: Path) -> tuple[float, dict]:
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "woolocal_ingest.cli", *args, "--json"], cwd=cwd, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "woolocal_cli", *args, "--json"], cwd=cwd, capture_output=True,
                          text=True)
     dt = time.perf_counter() - t
     if out.returncode != 0:

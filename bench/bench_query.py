@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CMD = [sys.executable, "-c", "import sys; from woolocal_ingest.cli import main; sys.exit(main(prog_name='woolocal'))"]
+CMD = [sys.executable, "-c", "import sys; from woolocal_cli import main; sys.exit(main(prog_name='woolocal'))"]
 
 
 def run(args: list[str], env: dict, cwd: Path) -> tuple[float, dict]:

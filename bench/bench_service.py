@@ -183,14 +183,14 @@ def main() -> None:
            "TRANSFORMERS_OFFLINE": "1", "WOOLOCAL_CONFIG": str(Path(a.config).resolve())}
     env.pop("PREFECT_API_URL", None)
     stores = work / "stores"
-    subprocess.run([sys.executable, "-m", "woolocal_ingest.cli", "ingest", "sample", "--stores", str(stores),
+    subprocess.run([sys.executable, "-m", "woolocal_cli", "ingest", "sample", "--stores", str(stores),
                     "--json"], env=env, check=True, capture_output=True, cwd=REPO)
     result: dict = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "requests_per_level": a.requests,
                     "repeat": a.repeat,
                     "model": str(model_path), "arms": {}}
     try:
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "woolocal_ingest.cli", "serve", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "woolocal_cli", "serve", "--port", str(port),
                                  "--stores", str(stores)], env=env, cwd=REPO, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

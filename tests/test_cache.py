@@ -432,7 +432,7 @@ def test_cache_cli_stats_and_prune(tmp_path, monkeypatch):
 
     from click.testing import CliRunner
 
-    from woolocal_ingest.cli import main
+    from woolocal_cli import main
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "emb.sqlite"

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from woolocal_ingest import ingest as ingest_mod
-from woolocal_ingest.cli import main
+from woolocal_cli import main
 from woolocal_ingest.stores import Store, verify_store
 from store_copies import copy_stores
 from woolocal_ingest import embedders
@@ -347,7 +347,7 @@ def test_models_list_json():
 
 def _woolocal() -> list[str]:
     exe = Path(sys.executable).with_name("woolocal")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "woolocal_ingest.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "woolocal_cli"]
 
 
 def _env(tmp_path: Path) -> dict:

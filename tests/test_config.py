@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from woolocal_ingest.chunking import Chunk, chunk_id
-from woolocal_ingest.cli import main
+from woolocal_cli import main
 from woolocal_ingest.config import ChunkingConfig, load_config
 from woolocal_ingest.errors import ConfigError, WoolocalError
 from woolocal_ingest.stores import store_dir, verify_store, write_store

@@ -22,7 +22,7 @@ from test_interop import assert_same_ranking, check_store, langchain_js  # noqa:
 from woolocal_ingest import migrate, stores
 from woolocal_ingest.api import open_store
 from woolocal_ingest.chunking import ChunkSettings
-from woolocal_ingest.cli import main
+from woolocal_cli import main
 from woolocal_ingest.coowned import read_current
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.errors import StoreError

@@ -26,7 +26,7 @@ from woolocal_ingest import embedders, migrate
 from woolocal_ingest.embedders import EmbedderSpec
 from woolocal_ingest.migrate import checkpoints
 from woolocal_ingest.migrate.backup import target_lock
-from woolocal_ingest.cli import main
+from woolocal_cli import main
 from woolocal_ingest.config import PurposeConfig, load_config
 from woolocal_ingest.api import open_store
 from woolocal_ingest.stores import Store, verify_store
@@ -483,7 +483,7 @@ def test_checkpoints_resume_and_are_discarded_when_source_or_model_change(tmp_pa
 
 
 def _woolocal_cmd() -> list[str]:
-    return [sys.executable, "-m", "woolocal_ingest.cli"]
+    return [sys.executable, "-m", "woolocal_cli"]
 
 
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, rows, embedder, monkeypatch):

@@ -74,7 +74,7 @@ def env_for(mark: str, **extra) -> dict:
 
 
 def woolocal(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from woolocal_ingest.cli import main; sys.exit(main(prog_name='woolocal'))",
+    return [sys.executable, "-c", "import sys; from woolocal_cli import main; sys.exit(main(prog_name='woolocal'))",
             *args]
 
 

@@ -308,7 +308,7 @@ def test_quantization_flag_end_to_end_through_the_cli(int8_model, tmp_path):
     from click.testing import CliRunner
 
     from woolocal_ingest.api import open_store
-    from woolocal_ingest.cli import main
+    from woolocal_cli import main
     from woolocal_ingest.manifest import read_manifest
 
     info, emb = int8_model

@@ -11,7 +11,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from woolocal_ingest.chunking import ChunkSettings
-from woolocal_ingest.cli import main
+from woolocal_cli import main
 from woolocal_ingest.config import Defaults, FlowsConfig
 from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from woolocal_ingest.ingest import run_ingest

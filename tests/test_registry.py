@@ -184,7 +184,7 @@ def test_models_cli_pull_refused_and_add_registers(tmp_path, bert768_cls):
     `models list --json` shows it with its dim and the backends that can run it."""
     from click.testing import CliRunner
 
-    from woolocal_ingest.cli import main
+    from woolocal_cli import main
 
     run = CliRunner().invoke
     r = run(main, ["models", "pull", "BAAI/bge-large-en-v1.5"])

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from woolocal_ingest.chunking import Chunk
-from woolocal_ingest.cli import main
+from woolocal_cli import main
 from woolocal_ingest.eval import EvalError, evaluate, load_eval_set, write_beir_corpus
 from woolocal_ingest.lexical import LEXICAL, write_lexical
 from woolocal_ingest.retrieval import SearchModeError, fuse_rrf

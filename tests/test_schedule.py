@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from click.testing import CliRunner
 
-from woolocal_ingest.cli import main
+from woolocal_cli import main
 from woolocal_ingest.schedules import next_runs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +152,7 @@ def _procs_with_env(key: str, value: str) -> list[int]:
 
 def _woolocal() -> list[str]:
     exe = Path(sys.executable).parent / "woolocal"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "woolocal_ingest.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "woolocal_cli"]
 
 
 @pytest.mark.slow  # waits for real cron minutes (~100 s): CI runs it (scripts/test.sh), a plain `pytest` does not

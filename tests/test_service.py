@@ -675,7 +675,7 @@ def test_which_models_load(embedder, bert768_cls, tmp_path):
 def test_serve_refuses_public_bind_without_key(tmp_path):
     from click.testing import CliRunner
 
-    from woolocal_ingest.cli import main
+    from woolocal_cli import main
 
     runner = CliRunner()
     for host in ("0.0.0.0", "::", "192.0.2.10"):
@@ -694,7 +694,7 @@ def test_woolocal_serve_command_end_to_end(tmp_path):
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("WOOLOCAL_API_KEY", "WOOLOCAL_CONFIG")}
     exe = Path(sys.executable).parent / "woolocal"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "woolocal_ingest.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "woolocal_cli"]
     proc = subprocess.Popen(cmd + ["serve", "--port", str(port), "--stores", str(tmp_path / "stores")],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

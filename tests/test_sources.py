@@ -150,7 +150,7 @@ def test_dry_run_lists_what_would_be_indexed_without_a_model(garden, monkeypatch
     from click.testing import CliRunner
 
     from woolocal_ingest import embedders
-    from woolocal_ingest.cli import main
+    from woolocal_cli import main
 
     def no_model(*a, **k):
         raise AssertionError("--dry-run must not load a model")

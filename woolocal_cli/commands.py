@@ -1,4 +1,5 @@
-"""The `woolocal` command line (click): ingest, query, embed, stores, models. Exit codes: 0 ok, 1 failed, 2 bad input."""
+"""The `woolocal` commands (click): ingest, migrate, query, embed, eval, serve, schedule, stores, models. Exit codes:
+0 ok, 1 failed, 2 bad input, 130 interrupted."""
 
 from __future__ import annotations
 
@@ -389,7 +390,7 @@ def migrate(obj: _Ctx, source, to, out, in_place, dry_run, all_stores, rollback,
     from dataclasses import replace
 
     from woolocal_ingest import migrate as mig
-    from woolocal_ingest.cli_format import format_summary, format_table
+    from woolocal_cli.format import format_summary, format_table
 
     given = [f for f, v in (("--to", to), ("--out", out), ("--in-place", in_place), ("--backend", backend),
                             ("--quantization", quantization),
@@ -1065,6 +1066,3 @@ def schedule_list(obj: _Ctx, count, as_json):
     elif prefect_error:
         click.echo(f"(Prefect not reachable: {prefect_error})", err=True)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
