@@ -96,7 +96,7 @@ class Batches:
     """The texts tokenised once, cut into the package's token-budget batches (numpy int64 arrays)."""
 
     def __init__(self, emb, texts: list[str]):
-        from woolocal_ingest.embedders.batching import token_budget_batches
+        from woolocal_ingest.embedders.batching import padded_inputs, token_budget_batches
 
         t = time.perf_counter()
         enc = emb._tokenizer.encode_batch([emb.info.doc_prefix + s for s in texts])
@@ -106,14 +106,7 @@ class Batches:
         self.plan, self.n, self.tokens = plan, len(texts), sum(lengths)
         self.items = []
         for batch in plan.batches:
-            seq = max(lengths[i] for i in batch)
-            ids = np.zeros((len(batch), seq), dtype=np.int64)
-            mask = np.zeros((len(batch), seq), dtype=np.int64)
-            types = np.zeros((len(batch), seq), dtype=np.int64)
-            for row, i in enumerate(batch):
-                e = enc[i]
-                k = len(e.ids)
-                ids[row, :k], mask[row, :k], types[row, :k] = e.ids, e.attention_mask, e.type_ids
+            ids, mask, types = padded_inputs(enc, batch)
             self.items.append((batch, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}))
 
 

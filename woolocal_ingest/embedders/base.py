@@ -215,7 +215,7 @@ class TransformerEmbedder(LocalModel):
         raise NotImplementedError
 
     def _embed(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
-        from woolocal_ingest.embedders.batching import fixed_batches, token_budget_batches
+        from woolocal_ingest.embedders.batching import fixed_batches, padded_inputs, token_budget_batches
 
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
@@ -228,14 +228,7 @@ class TransformerEmbedder(LocalModel):
         self.real_tokens += plan.real_tokens
         self.padded_tokens += plan.padded_tokens
         for batch in plan.batches:
-            seq = max(len(enc[i].ids) for i in batch)
-            ids = np.zeros((len(batch), seq), dtype=np.int64)
-            mask = np.zeros((len(batch), seq), dtype=np.int64)
-            types = np.zeros((len(batch), seq), dtype=np.int64)
-            for row, i in enumerate(batch):
-                e = enc[i]
-                n = len(e.ids)
-                ids[row, :n], mask[row, :n], types[row, :n] = e.ids, e.attention_mask, e.type_ids
+            ids, mask, types = padded_inputs(enc, batch)
             hidden = np.asarray(self._forward(ids, mask, types), dtype=np.float32)
             vecs = pool(hidden, mask, self.info.pooling)
             if vecs.shape[1] != self.dim:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 DEFAULT_TOKEN_BUDGET = 8192  # padded tokens per batch (batch size x longest sequence in it)
 DEFAULT_MAX_BATCH = 128
@@ -56,3 +59,19 @@ def fixed_batches(lengths: Sequence[int], batch_size: int) -> BatchPlan:
         plan.batches.append(idx)
         plan.padded_tokens += len(idx) * max(max(1, lengths[i]) for i in idx)
     return plan
+
+
+def padded_inputs(encodings: Sequence, batch: Sequence[int]) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """One batch of tokenizer encodings (`tokenizers.Encoding`: ids, attention_mask, type_ids) as the model's
+    int64 inputs, padded with zeros to the batch's longest: (input_ids, attention_mask, token_type_ids)."""
+    import numpy as np
+
+    seq = max(len(encodings[i].ids) for i in batch)
+    ids = np.zeros((len(batch), seq), dtype=np.int64)
+    mask = np.zeros((len(batch), seq), dtype=np.int64)
+    types = np.zeros((len(batch), seq), dtype=np.int64)
+    for row, i in enumerate(batch):
+        e = encodings[i]
+        n = len(e.ids)
+        ids[row, :n], mask[row, :n], types[row, :n] = e.ids, e.attention_mask, e.type_ids
+    return ids, mask, types
