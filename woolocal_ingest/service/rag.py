@@ -192,10 +192,9 @@ async def _store_model(state: ServiceState, sid: str, entry: CachedStore) -> str
                        f"{emb.dim}-dim vectors")
         else:
             want_sha = model.get("files_sha256")
-            info = getattr(emb, "info", None)
             try:
-                have_sha = info.files_sha256() if want_sha and info is not None else None
-            except Exception:
+                have_sha = emb.info.files_sha256() if want_sha else None
+            except Exception:  # a remote model (openai-compatible) has no files here
                 have_sha = None
             if want_sha and have_sha and want_sha != have_sha:
                 problem = (f"store {sid!r} was embedded by other files of model {model.get('name')!r} than the "

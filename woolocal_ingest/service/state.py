@@ -84,7 +84,7 @@ class ModelSlot:
             "id": self.key, "object": "model", "created": int(self.loaded_at or 0), "owned_by": "woolocal",
             "dim": self.dim, "max_tokens": emb.max_tokens if emb is not None else (self.info.max_tokens
                                                                                  if self.info else None),
-            "purposes": list(self.purposes), "backend": getattr(emb, "backend", None) if emb else self.spec.backend,
+            "purposes": list(self.purposes), "backend": emb.backend if emb else self.spec.backend,
             "status": self.status, "error": self.error, "memory_bytes": self.memory_bytes,
             "query_prefix": (emb.info.query_prefix if emb is not None else
                              (self.info.query_prefix if self.info else None)),
@@ -228,7 +228,7 @@ class ServiceState:
         slot.load_seconds = time.perf_counter() - t0
         slot.loaded_at = time.time()
         slot.embedder = emb
-        slot.info = getattr(emb, "info", slot.info)
+        slot.info = emb.info
         with self._lock:
             self._index(slot, {name, name.rstrip("/").split("/")[-1], slugify(name)})
         slot.status = "ready"
