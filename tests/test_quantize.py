@@ -154,7 +154,7 @@ def test_quantization_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"purposes\.projects\.quantization: 'int4' is not one of none, int8"):
         load_config(cfg)
     cfg.write_text("purposes:\n  projects:\n    backend: sentence-transformers\n    quantization: int8\n")
-    with pytest.raises(ConfigError, match=r"purposes\.projects.*int8 runs on the onnx backend"):
+    with pytest.raises(ConfigError, match=r"purposes\.projects.*int8 runs on the onnx or openvino backend"):
         load_config(cfg)
     cfg.write_text("purposes:\n  projects:\n    quantization: int8\n    on_gate_failure: ignore\n")
     with pytest.raises(ConfigError, match=r"purposes\.projects\.on_gate_failure: 'ignore' is not one of refuse, fp32"):
@@ -167,7 +167,8 @@ def test_quantization_config_errors_name_the_key(tmp_path):
     q = quantized_config(load_config(cfg), "int8")
     assert {p.quantization for p in q.purposes.values()} == {"int8"}
     cfg.write_text("purposes:\n  projects: {}\n  userProfile: {backend: mlx}\n")
-    with pytest.raises(ConfigError, match=r"purposes\.userProfile\.quantization: int8 runs on the onnx backend"):
+    with pytest.raises(ConfigError,
+                       match=r"purposes\.userProfile\.quantization: int8 runs on the onnx or openvino backend"):
         quantized_config(load_config(cfg), "int8")
 
 
