@@ -204,8 +204,11 @@ def test_run_probe_measures_real_arms(int8_model):
 
     info, _ = int8_model
     r = run_probe(info, allow_int8=True, texts=["a short text", "conda install numpy", "compost needs air"] * 4)
-    assert set(r.rates) == {"sentence-transformers", "onnx", "onnx-int8"} and not r.excluded
-    assert r.backend in ("sentence-transformers", "onnx") and all(v > 0 for v in r.rates.values())
+    from woolocal_ingest.embedders.router import _openvino_ok
+
+    ov = {"openvino", "openvino-int8"} if _openvino_ok(info) else set()
+    assert set(r.rates) == {"sentence-transformers", "onnx", "onnx-int8", *ov} and not r.excluded
+    assert r.backend in ("sentence-transformers", "onnx", "openvino") and all(v > 0 for v in r.rates.values())
 
 
 def test_unloadable_cached_int8_file_is_quantized_again(int8_model, tmp_path):
