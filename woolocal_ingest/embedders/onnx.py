@@ -38,7 +38,7 @@ from woolocal_ingest.embedders.base import TransformerEmbedder
 from woolocal_ingest.embedders.gated import GatedInt8
 from woolocal_ingest.embedders.registry import ModelInfo
 from woolocal_ingest.errors import ConfigError
-from woolocal_ingest.fsutil import fsync_dir, write_text_atomic
+from woolocal_ingest.fsutil import fsync_dir
 from woolocal_ingest.state_dirs import user_cache_dir
 
 log = logging.getLogger(__name__)

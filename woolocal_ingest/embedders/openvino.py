@@ -19,7 +19,6 @@ export (`gated.GatedInt8`); on failure it is refused, or - `on_gate_failure="fp3
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -251,6 +250,3 @@ class OpenVinoEmbedder(GatedInt8, TransformerEmbedder):
 
 
 __all__ = ["OpenVinoEmbedder", "default_precision", "nncf_available", "openvino_available"]
-
-with contextlib.suppress(Exception):  # keep OpenVINO's telemetry quiet where it is installed
-    os.environ.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")
