@@ -154,7 +154,7 @@ def test_quantization_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"purposes\.projects\.quantization: 'int4' is not one of none, int8"):
         load_config(cfg)
     cfg.write_text("purposes:\n  projects:\n    backend: sentence-transformers\n    quantization: int8\n")
-    with pytest.raises(ConfigError, match=r"purposes\.projects.*int8 runs on the onnx backend"):
+    with pytest.raises(ConfigError, match=r"purposes\.projects.*int8 runs on the onnx or openvino backend"):
         load_config(cfg)
     cfg.write_text("purposes:\n  projects:\n    quantization: int8\n    on_gate_failure: ignore\n")
     with pytest.raises(ConfigError, match=r"purposes\.projects\.on_gate_failure: 'ignore' is not one of refuse, fp32"):
@@ -167,7 +167,8 @@ def test_quantization_config_errors_name_the_key(tmp_path):
     q = quantized_config(load_config(cfg), "int8")
     assert {p.quantization for p in q.purposes.values()} == {"int8"}
     cfg.write_text("purposes:\n  projects: {}\n  userProfile: {backend: mlx}\n")
-    with pytest.raises(ConfigError, match=r"purposes\.userProfile\.quantization: int8 runs on the onnx backend"):
+    with pytest.raises(ConfigError,
+                       match=r"purposes\.userProfile\.quantization: int8 runs on the onnx or openvino backend"):
         quantized_config(load_config(cfg), "int8")
 
 
@@ -203,8 +204,11 @@ def test_run_probe_measures_real_arms(int8_model):
 
     info, _ = int8_model
     r = run_probe(info, allow_int8=True, texts=["a short text", "conda install numpy", "compost needs air"] * 4)
-    assert set(r.rates) == {"sentence-transformers", "onnx", "onnx-int8"} and not r.excluded
-    assert r.backend in ("sentence-transformers", "onnx") and all(v > 0 for v in r.rates.values())
+    from woolocal_ingest.embedders.router import _openvino_ok
+
+    ov = {"openvino", "openvino-int8"} if _openvino_ok(info) else set()
+    assert set(r.rates) == {"sentence-transformers", "onnx", "onnx-int8", *ov} and not r.excluded
+    assert r.backend in ("sentence-transformers", "onnx", "openvino") and all(v > 0 for v in r.rates.values())
 
 
 def test_unloadable_cached_int8_file_is_quantized_again(int8_model, tmp_path):

@@ -145,9 +145,10 @@ def _interrupted(what: str) -> "click.exceptions.Exit":
 @click.argument("target", metavar="PROJECT_NAME|PATH")
 @click.option("--stores", type=click.Path(file_okay=False), default=None, help="Stores root (default from flows.yaml).")
 @click.option("--model", default=None, help="Model name or folder (default: the purpose's model in flows.yaml).")
-@click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "mlx"]), default=None)
+@click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "openvino", "mlx"]), default=None)
 @click.option("--quantization", type=click.Choice(["none", "int8"]), default=None,
-              help="int8: ONNX Runtime int8, gated against fp32 on first use (default: the purpose's, none).")
+              help="int8: ONNX Runtime (or OpenVINO) int8, gated against fp32 on first use "
+                   "(default: the purpose's, none).")
 @click.option("--rebuild", is_flag=True, help="Re-embed everything (required when the model's files changed).")
 @click.option("--python-layout/--no-python-layout", default=None,
               help="Also write LangChain Python's index.faiss + index.pkl.")
@@ -375,9 +376,10 @@ def _print_ingest_summary(s: dict, names: bool = False) -> None:
 @click.option("--all", "all_stores", is_flag=True,
               help="Every migration in flows.yaml, else every store under wooster.root.")
 @click.option("--rollback", is_flag=True, help="Restore SRC from its newest backup (after --in-place).")
-@click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "mlx"]), default=None)
+@click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "openvino", "mlx"]), default=None)
 @click.option("--quantization", type=click.Choice(["none", "int8"]), default=None,
-              help="int8: ONNX Runtime int8, gated against fp32 on first use (default: the purpose's, none).")
+              help="int8: ONNX Runtime (or OpenVINO) int8, gated against fp32 on first use "
+                   "(default: the purpose's, none).")
 @click.option("--python-layout/--no-python-layout", default=None,
               help="Also write LangChain Python's index.faiss + index.pkl (default: yes for a Python source).")
 @click.option("--no-prefect", is_flag=True, help="Run in-process, without the Prefect flow.")
@@ -635,10 +637,11 @@ def eval_(obj: _Ctx, args, modes, split, stores, write_corpus, as_json):
 
 @main.command()
 @click.option("--model", default=None, help="Model name or folder (default: the embedded default).")
-@click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "mlx"]), default="auto")
+@click.option("--backend", type=click.Choice(["auto", "sentence-transformers", "onnx", "openvino", "mlx"]), default="auto")
 @click.option("--query", "as_query", is_flag=True, help="Embed as queries (apply the model's query prefix).")
 @click.option("--quantization", type=click.Choice(["none", "int8"]), default=None,
-              help="int8: ONNX Runtime int8, gated against fp32 on first use (default: the purpose's, none).")
+              help="int8: ONNX Runtime (or OpenVINO) int8, gated against fp32 on first use "
+                   "(default: the purpose's, none).")
 @click.option("--json", "as_json", is_flag=True)
 def embed(model, backend, as_query, quantization, as_json):
     """Embed texts read from stdin, one per line; prints vectors (one JSON array per line, or one JSON object)."""
@@ -674,7 +677,8 @@ def embed(model, backend, as_query, quantization, as_json):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @click.option("--quantization", type=click.Choice(["none", "int8"]), default=None,
-              help="int8: ONNX Runtime int8, gated against fp32 on first use (default: the purpose's, none).")
+              help="int8: ONNX Runtime (or OpenVINO) int8, gated against fp32 on first use "
+                   "(default: the purpose's, none).")
 @click.pass_obj
 def serve(obj: _Ctx, host, port, stores, config_path, log_level, quantization):
     """Serve embeddings (OpenAI-compatible), store search and chat RAG over HTTP."""

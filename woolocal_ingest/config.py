@@ -15,7 +15,7 @@ from woolocal_ingest.errors import ConfigError
 
 CONFIG_FILE = "flows.yaml"
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-Backend = Literal["auto", "sentence-transformers", "onnx", "mlx", "openai-compatible"]
+Backend = Literal["auto", "sentence-transformers", "onnx", "openvino", "mlx", "openai-compatible"]
 Secrets = Literal["redact", "skip-file", "allow"]
 
 
@@ -51,7 +51,7 @@ class EndpointConfig(_Strict):
 class FallbackConfig(_Strict):
     """What embeds when the configured backend cannot load or fails mid-run (the whole store is then re-embedded)."""
 
-    backend: Literal["sentence-transformers", "onnx", "mlx", "openai-compatible"]
+    backend: Literal["sentence-transformers", "onnx", "openvino", "mlx", "openai-compatible"]
     model: str | None = None
     endpoint: EndpointConfig | None = None
 
@@ -69,7 +69,7 @@ class PurposeConfig(_Strict):
     # Wooster's key: may text leave this machine for a fallback? Off = privacy-first, no connection is attempted
     # to any endpoint that is not on loopback.
     fallbackToCloud: bool = False
-    # int8 (ONNX Runtime dynamic quantization, gated against float32 on first use) or none (float32 weights)
+    # int8 (ONNX Runtime dynamic or OpenVINO NNCF quantization, gated against float32 on first use) or none (float32 weights)
     quantization: str = "none"
     on_gate_failure: str = Field(default="refuse", description="when int8 fails the accuracy gate: refuse | fp32")
 
@@ -97,8 +97,9 @@ class PurposeConfig(_Strict):
             raise ValueError("endpoint: required when backend is openai-compatible (urls: [http://...])")
         if self.fallback and self.fallback.backend == "openai-compatible" and self.fallback.endpoint is None:
             raise ValueError("fallback.endpoint: required when fallback.backend is openai-compatible")
-        if self.quantization == "int8" and self.backend not in ("auto", "onnx"):
-            raise ValueError(f"quantization: int8 runs on the onnx backend (or auto), not backend {self.backend!r}")
+        if self.quantization == "int8" and self.backend not in ("auto", "onnx", "openvino"):
+            raise ValueError(f"quantization: int8 runs on the onnx or openvino backend (or auto), not backend "
+                             f"{self.backend!r}")
         return self
 
 

@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from woolocal_ingest.embedders.base import TransformerEmbedder
+from woolocal_ingest.embedders.gated import GatedInt8
 from woolocal_ingest.embedders.registry import ModelInfo
 from woolocal_ingest.errors import ConfigError
-from woolocal_ingest.fsutil import fsync_dir, write_text_atomic
+from woolocal_ingest.fsutil import fsync_dir
 from woolocal_ingest.state_dirs import user_cache_dir
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,48 @@ def write_export_atomically(model_dir: Path, folder: Path, exporter=export_onnx,
     return final
 
 
-class OnnxEmbedder(TransformerEmbedder):
+def find_or_build(folders: list[Path], name: str, load, build, writable=dir_writable, what: str = "a derived model"):
+    """`(path, load(path))` of a model file derived from an export (int8 ONNX, OpenVINO IR): the first of `folders`
+    holding a `name` that loads, else built in the first writable folder by `build(folder) -> path` (atomic: a temp
+    file renamed into place) under that folder's lock; temp files there are leftovers of killed builds and go."""
+    for d in folders:
+        if (d / name).is_file():
+            try:
+                return d / name, load(d / name)
+            except Exception as e:  # truncated / corrupt file: build it again
+                log.warning("cached %s %s cannot be loaded (%s): building it again", what, d / name,
+                            str(e).splitlines()[0])
+    errors = []
+    for d in folders:
+        if not writable(d):
+            errors.append(f"{d}: not writable")
+            continue
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with _locked(d) as held:
+                final = d / name
+                if final.is_file():  # another process built it while this one waited for the lock
+                    with contextlib.suppress(Exception):
+                        return final, load(final)
+                if held:
+                    for stale in d.glob(f".{name}.*{TMP_SUFFIX}"):
+                        with contextlib.suppress(OSError):
+                            if stale.is_dir():
+                                import shutil
+
+                                shutil.rmtree(stale)
+                            else:
+                                stale.unlink()
+                log.info("building %s in %s", what, d)
+                final = build(d)
+        except OSError as e:
+            errors.append(f"{d}: {e}")
+            continue
+        return final, load(final)
+    raise OSError(f"no writable cache for {what}: " + "; ".join(errors))
+
+
+class OnnxEmbedder(GatedInt8, TransformerEmbedder):
     """Embeds with ONNX Runtime on the CPU, from an ONNX export of a local sentence-transformers folder."""
 
     backend = "onnx"
@@ -197,6 +239,7 @@ class OnnxEmbedder(TransformerEmbedder):
         self.gate_report = None  # quantize.GateReport once an int8 model was gated
         self.quantized_path: Path | None = None
         self._fp32_session = None
+        self._int8_session = None  # the int8 session while it is gated
         self.threads = threads or available_cores()
         self._writable = writable or dir_writable
         self._exporter = exporter or export_onnx
@@ -302,38 +345,13 @@ class OnnxEmbedder(TransformerEmbedder):
         is read-only), else quantized there now (also when a cached file does not load)."""
         name = f"model.int8-{settings.key}.onnx"
         src = self.onnx_path
-        folders = [src.parent] + [d for d in cache_dirs(self.info) if d != src.parent]
-        for d in folders:
-            if (d / name).is_file():
-                try:
-                    return d / name, self._new_session(d / name)
-                except Exception as e:  # truncated / corrupt file: quantize again
-                    log.warning("cached int8 model %s cannot be loaded (%s): quantizing again", d / name,
-                                str(e).splitlines()[0])
-        errors = []
-        for d in folders:
-            if not self._writable(d):
-                errors.append(f"{d}: not writable")
-                continue
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-                with _locked(d) as held:
-                    final = d / name
-                    if final.is_file():  # another process quantized it while this one waited for the lock
-                        with contextlib.suppress(Exception):
-                            return final, self._new_session(final)
-                    if held:  # under the lock, temp files are leftovers of killed quantizations
-                        for stale in d.glob(f".{name}.*{TMP_SUFFIX}"):
-                            with contextlib.suppress(OSError):
-                                stale.unlink()
-                    log.info("quantizing %s to int8 in %s", self.info.name, d)
-                    final = write_export_atomically(src, d, lambda s_, dest: self._quantize_mixed(s_, dest, settings),
-                                                    filename=name)
-            except OSError as e:
-                errors.append(f"{d}: {e}")
-                continue
-            return final, self._new_session(final)
-        raise OSError(f"no writable cache for the int8 model of {self.info.name}: " + "; ".join(errors))
+
+        def build(d: Path) -> Path:
+            return write_export_atomically(src, d, lambda s_, dest: self._quantize_mixed(s_, dest, settings),
+                                           filename=name)
+
+        return find_or_build([src.parent] + [d for d in cache_dirs(self.info) if d != src.parent], name,
+                             self._new_session, build, self._writable, f"the int8 model of {self.info.name}")
 
     def _quantize_mixed(self, src: Path, dest: Path, settings) -> None:
         """Quantize `src` into `dest` with the widest-ranged MatMuls left in float32 as `quantize.plan_mixed`
@@ -397,82 +415,32 @@ class OnnxEmbedder(TransformerEmbedder):
         finally:
             self._session, self.real_tokens, self.padded_tokens = saved, real, padded
 
-    def _load_int8(self):
-        import json as _json
+    def _int8_vectors(self, texts: list[str]) -> np.ndarray:
+        return self._with_session(self._session or self._int8_session, texts)
 
-        from woolocal_ingest.embedders.quantize import (
-            GateReport, Int8Settings, calibration_texts, gate, gate_error, matmul_groups, texts_sha,
-        )
+    def _use_fp32(self) -> None:
+        self._session = self._fp32_session or self._new_session(self.onnx_path)
+
+    def _annotate_gate(self, report) -> dict:
+        from woolocal_ingest.embedders.quantize import matmul_groups
+
+        kept, every = matmul_groups(self.quantized_path), matmul_groups(self.onnx_path)  # what stayed float32
+        report.fp32_matmuls = sum(len(g.nodes) for g in kept)
+        report.fp32_share = sum(g.weights for g in kept) / max(1, sum(g.weights for g in every))
+        return {"mixed_precision_steps": self.mixed_plan.steps if self.mixed_plan is not None else None}
+
+    def _load_int8(self):
+        from woolocal_ingest.embedders.quantize import Int8Settings
 
         settings = self.int8_settings or Int8Settings.for_this_cpu()
         path, sess = self._quantize_into(settings)
-        folder = path.parent
         self.quantized_path = path
         self.quant_settings = settings
-        texts = calibration_texts()
-        report_file = folder / f"model.int8-{settings.key}.gate.json"
-        report = None
+        self._int8_session = sess
         try:
-            saved = _json.loads(report_file.read_text(encoding="utf-8"))
-            if saved.get("calibration_sha") == texts_sha(texts) and saved.get("int8_size") == path.stat().st_size \
-                    and saved.get("int8_mtime_ns") == path.stat().st_mtime_ns:
-                report = GateReport.from_dict(saved["report"])
-        except (OSError, ValueError, KeyError, TypeError):
-            report = None
-        if report is None:  # first use of this int8 file: gate it against float32
-            ref = self._fp32_vectors([self.info.doc_prefix + t for t in texts])
-            got = self._with_session(sess, [self.info.doc_prefix + t for t in texts])
-            report = gate(ref, got, calibration=len(texts))
-            kept, every = matmul_groups(path), matmul_groups(self.onnx_path)  # the file says what stayed float32
-            report.fp32_matmuls = sum(len(g.nodes) for g in kept)
-            report.fp32_share = sum(g.weights for g in kept) / max(1, sum(g.weights for g in every))
-            with contextlib.suppress(OSError):
-                write_text_atomic(report_file, _json.dumps({
-                    "calibration_sha": texts_sha(texts), "int8_size": path.stat().st_size,
-                    "int8_mtime_ns": path.stat().st_mtime_ns, "settings": settings.to_dict(),
-                    "report": report.to_dict(),
-                    "mixed_precision_steps": self.mixed_plan.steps if self.mixed_plan is not None else None}))
-        self.gate_report = report
-        if report.passed:
+            report = self._calibration_gate(path.parent / f"model.int8-{settings.key}.gate.json", settings.to_dict())
+        finally:
+            self._int8_session = None
+        if self._verdict(report):
             return sess
-        if self.on_gate_failure == "fp32":
-            log.warning("int8 model of %s failed the accuracy gate (%s): falling back to float32",
-                        self.info.name, "; ".join(report.failures))
-            report.fell_back = True
-            self.quantization = None
-            return self._fp32_session or self._new_session(self.onnx_path)
-        raise gate_error(self.info.name, path, report)
-
-    def check_sample(self, texts: list[str], limit: int = 128) -> None:
-        """Gate the int8 model on a store's own texts too (up to `limit`, spread over the list); the figures join
-        the calibration figures in `gate_report`. Raises QuantizationGateError (or falls back, as configured)."""
-        from woolocal_ingest.embedders.quantize import gate, gate_error
-
-        _ = self.session
-        if self.quantization != "int8" or not texts:
-            return
-        step = max(1, len(texts) // limit)
-        sample = [self.info.doc_prefix + t for t in list(texts)[::step][:limit]]
-        ref = self._fp32_vectors(sample)
-        got = self._with_session(self._session, sample)
-        rep = gate(ref, got, calibration=0, store=len(sample))
-        cal = self.gate_report
-        if cal is not None:  # one report: the worse of the two sets for each figure
-            rep.mean_cos = min(rep.mean_cos, cal.mean_cos)
-            rep.min_cos = min(rep.min_cos, cal.min_cos)
-            rep.top10_agreement = min(rep.top10_agreement, cal.top10_agreement)
-            rep.texts = cal.texts
-            rep.fp32_matmuls, rep.fp32_share = cal.fp32_matmuls, cal.fp32_share
-            rep.failures = [f"calibration: {f}" for f in cal.failures] + [f"store sample: {f}" for f in rep.failures]
-            rep.passed = not rep.failures
-        self.gate_report = rep
-        if rep.passed:
-            return
-        if self.on_gate_failure == "fp32":
-            log.warning("int8 model of %s failed the accuracy gate on the store's sample: falling back to float32",
-                        self.info.name)
-            rep.fell_back = True
-            self.quantization = None
-            self._session = self._new_session(self.onnx_path)
-            return
-        raise gate_error(self.info.name, self.quantized_path, rep)
+        return self._fp32_session or self._new_session(self.onnx_path)

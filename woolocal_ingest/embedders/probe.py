@@ -1,12 +1,14 @@
 """`backend: auto` on a CPU without Metal: a short timed probe, once per model and machine, picks the fastest backend.
 
-Candidates: sentence-transformers (torch, float32), ONNX Runtime float32 and - only when the purpose allows
-quantization (`quantization: int8`) - ONNX Runtime int8, which must pass the accuracy gate first (`quantize`); a
-candidate that cannot load or fails the gate is left out with its reason. Each embeds the same 48 texts of the
-packaged calibration set (after a warm-up), the arms alternating, twice; the median rate decides. The result is
-cached in `$XDG_CACHE_HOME/woolocal/probe.json` (default ~/.cache), keyed by the model's files, the machine (CPU
-model, cores this process may use, onnxruntime and torch versions) and whether int8 was allowed (by its settings
-key: how int8 is made), so later runs pay nothing. `WOOLOCAL_PROBE=off` skips the probe (the static CPU default, as before; the test suite sets it).
+Candidates: sentence-transformers (torch, float32), ONNX Runtime float32, OpenVINO f32 (when installed; f32, so that
+`auto` keeps a float store float32) and - only when the purpose allows quantization (`quantization: int8`) - ONNX
+Runtime int8 and OpenVINO int8, which must pass the accuracy gate first (`quantize`); a candidate that cannot load or
+fails the gate is left out with its reason. Each embeds the same 48 texts of the packaged calibration set (after a
+warm-up), the arms alternating, twice; the median rate decides. The result is cached in
+`$XDG_CACHE_HOME/woolocal/probe.json` (default ~/.cache), keyed by the model's files, the machine (CPU model, cores
+this process may use, onnxruntime, torch, openvino and nncf versions) and whether int8 was allowed (by its settings
+key: how int8 is made), so later runs pay nothing. `WOOLOCAL_PROBE=off` skips the probe (the static CPU default, as
+before; the test suite sets it).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def machine_key() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = []
-    for dist in ("onnxruntime", "torch"):  # from the installed metadata: importing torch costs seconds
+    for dist in ("onnxruntime", "torch", "openvino", "nncf"):  # from the installed metadata: importing torch costs seconds
         try:
             versions.append(version(dist))
         except PackageNotFoundError:
@@ -121,8 +123,13 @@ def run_probe(info: ModelInfo, allow_int8: bool, texts: list[str] | None = None)
     excluded: dict[str, str] = {}
     makers = {"sentence-transformers": lambda: SentenceTransformerEmbedder(info),
               "onnx": lambda: OnnxEmbedder(info).load()}
+    ov = _openvino_ok(info)
+    if ov:  # f32: `auto` keeps a float store float32 (bf16 runs only when backend openvino is asked for by name)
+        makers["openvino"] = lambda: _openvino(info, precision="f32")
     if allow_int8:
         makers["onnx-int8"] = lambda: OnnxEmbedder(info, quantization="int8").load()
+        if ov:
+            makers["openvino-int8"] = lambda: _openvino(info, quantization="int8")
     for name, make in makers.items():
         try:
             emb = make()
@@ -140,8 +147,20 @@ def run_probe(info: ModelInfo, allow_int8: bool, texts: list[str] | None = None)
             times[name].append(time.perf_counter() - t)
     rates = {k: round(len(texts) / statistics.median(v), 2) for k, v in times.items()}
     best = max(rates, key=rates.get)
-    backend, quant = ("onnx", "int8") if best == "onnx-int8" else (best, None)
+    backend, quant = (best.removesuffix("-int8"), "int8") if best.endswith("-int8") else (best, None)
     return ProbeResult(backend=backend, quantization=quant, rates=rates, excluded=excluded, measured_at=time.time())
+
+
+def _openvino_ok(info: ModelInfo) -> bool:
+    from woolocal_ingest.embedders.router import _openvino_ok as ok
+
+    return ok(info)
+
+
+def _openvino(info: ModelInfo, **kw):
+    from woolocal_ingest.embedders.openvino import OpenVinoEmbedder
+
+    return OpenVinoEmbedder(info, **kw).load()
 
 
 def probed_choice(info: ModelInfo, allow_int8: bool):

@@ -9,8 +9,9 @@ from woolocal_ingest.embedders.base import BackendChoice, Embedder
 from woolocal_ingest.embedders.registry import ModelInfo, resolve_model
 from woolocal_ingest.errors import ConfigError
 
-BACKENDS = ("auto", "sentence-transformers", "onnx", "mlx", "openai-compatible")
-LOCAL_BACKENDS = ("sentence-transformers", "onnx", "mlx")
+BACKENDS = ("auto", "sentence-transformers", "onnx", "openvino", "mlx", "openai-compatible")
+LOCAL_BACKENDS = ("sentence-transformers", "onnx", "openvino", "mlx")
+INT8_BACKENDS = ("onnx", "openvino")  # int8 runs on ONNX Runtime or OpenVINO (both gated against float32)
 # Architectures torch.onnx.export handles through transformers' AutoModel here (BERT family, MPNet, XLM-R...).
 ONNX_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "camembert"}
 # `auto` on a CPU without Metal runs the timed probe (embedders/probe.py). Without it (WOOLOCAL_PROBE=off, or no ONNX
@@ -40,6 +41,14 @@ def _onnx_ok(info: ModelInfo) -> bool:
     return onnx_available() and info.model_type in ONNX_MODEL_TYPES
 
 
+def _openvino_ok(info: ModelInfo) -> bool:
+    try:
+        from woolocal_ingest.embedders.openvino import openvino_available
+    except ImportError:
+        return False
+    return openvino_available() and info.model_type in ONNX_MODEL_TYPES
+
+
 def _mlx_ok(info: ModelInfo) -> bool:
     try:
         from woolocal_ingest.embedders.mlx import mlx_available, mlx_supports
@@ -53,6 +62,8 @@ def backends_for(info: ModelInfo) -> list[str]:
     out = ["sentence-transformers"]
     if _onnx_ok(info):
         out.append("onnx")
+    if _openvino_ok(info):
+        out.append("openvino")
     if _mlx_ok(info):
         out.append("mlx")
     return out
@@ -68,8 +79,8 @@ def pick_backend(info: ModelInfo, requested: str = "auto", quantization: str | N
     if requested not in BACKENDS:
         raise ConfigError(f"backend {requested!r} is not one of {', '.join(BACKENDS)}")
     quant = parse_quantization(quantization)
-    if quant == "int8" and requested not in ("auto", "onnx"):
-        raise ConfigError(f"quantization int8 runs on the onnx backend (or auto), not backend {requested!r}")
+    if quant == "int8" and requested not in ("auto", *INT8_BACKENDS):
+        raise ConfigError(f"quantization int8 runs on the onnx or openvino backend (or auto), not backend {requested!r}")
     if requested != "auto":
         return BackendChoice(requested, "configured", quant)
     if _apple_metal():
@@ -96,7 +107,7 @@ def load_embedder(model: str | None = None, backend: str = "auto", batch_size: i
                   token_budget: int | None = None, quantization: str | None = None,
                   on_gate_failure: str = "refuse") -> Embedder:
     """A local embedder for `model` (a name or folder; None = the default) on `backend` (`auto` picks).
-    `quantization`: None/"none" (float32) or "int8" (ONNX Runtime, gated against float32: `embedders.quantize`);
+    `quantization`: None/"none" (float32; OpenVINO: its default precision) or "int8" (ONNX Runtime or OpenVINO, gated against float32: `embedders.quantize`);
     `on_gate_failure`: "refuse" or "fp32"."""
     info = resolve_model(model)
     choice = pick_backend(info, backend, quantization)
@@ -108,6 +119,17 @@ def load_embedder(model: str | None = None, backend: str = "auto", batch_size: i
 
         emb = OnnxEmbedder(info, token_budget=token_budget, max_batch=batch_size, quantization=choice.quantization,
                            on_gate_failure=on_gate_failure)
+    elif choice.backend == "openvino":
+        from woolocal_ingest.embedders.openvino import OpenVinoEmbedder
+
+        if not _openvino_ok(info):
+            raise ConfigError(f"backend openvino cannot run model {info.name} here (openvino, onnx and torch "
+                              f"installed; a BERT-family model, not {info.model_type!r})")
+        # `auto` picked it (the probe measured it in f32): f32, so a float store stays float32. Asked for by name:
+        # OpenVINO's default precision (bf16 on CPUs with avx512_bf16 / AMX), which the store's identity records.
+        emb = OpenVinoEmbedder(info, token_budget=token_budget, max_batch=batch_size,
+                               quantization=choice.quantization, on_gate_failure=on_gate_failure,
+                               precision="f32" if backend == "auto" else None)
     elif choice.backend == "mlx":
         from woolocal_ingest.embedders.mlx import MLXEmbedder
 
@@ -122,7 +144,7 @@ def load_embedder(model: str | None = None, backend: str = "auto", batch_size: i
 
 def purpose_loader(model: str | None, backend: str, purpose) -> Embedder:
     """A local embedder for `model` on `backend` with a flows.yaml purpose's batch settings and precision (int8 runs
-    on ONNX Runtime only: a fallback backend without it runs float32). The one way purposes load local models."""
-    quant = purpose.quantization if backend in ("auto", "onnx") else None
+    on ONNX Runtime or OpenVINO only: a fallback backend without it runs float32). The one way purposes load local models."""
+    quant = purpose.quantization if backend in ("auto", *INT8_BACKENDS) else None
     return load_embedder(model, backend=backend, batch_size=purpose.batch_size, token_budget=purpose.token_budget,
                          quantization=quant, on_gate_failure=purpose.on_gate_failure)

@@ -334,6 +334,8 @@ class ServiceState:
         slot = self.slot(key)
         have = self.embedder(slot.key).quantization or None
         want = quantization or None
+        if want == "bf16":  # an OpenVINO bf16 store: float32 queries agree with it (cosine >= 0.999)
+            want = None if have != "bf16" else want
         if have == want:
             return slot.key
         if want not in (None, "int8"):
