@@ -170,6 +170,8 @@ def test_cli_ingest_writes_an_openvino_int8_store_fp32_never_joins(ov_int8, tmp_
     m = read_manifest(Path(out["store"]))["model"]
     assert m["backend"] == "openvino" and m["quantization"] == "int8" and m["quantization_gate"]["passed"]
     assert m["quantization_gate"]["store_texts"] == 0 and out.get("count", 1) > 0
-    for flags in (("--backend", "onnx"), ("--backend", "openvino", "--quantization", "none")):
+    # fp32 (ORT), bf16 (OpenVINO's default here) and ONNX Runtime's int8 - another engine's int8 vectors - all refused
+    for flags in (("--backend", "onnx"), ("--backend", "openvino", "--quantization", "none"),
+                  ("--backend", "onnx", "--quantization", "int8")):
         r = cli("ingest", str(proj), "--no-prefect", *flags, code=None)
         assert r.exit_code != 0 and "int8" in r.stderr and "never mixes precisions" in r.stderr, (flags, r.stderr)

@@ -135,7 +135,7 @@ def test_store_never_mixes_precisions(int8_model, embedder, tmp_path):
     s3 = run_ingest("garden", proj, stores, emb, settings, DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
     assert s3.unchanged > 0 and emb.gate_report.store_texts > 0
     # and now fp32 is refused on the int8 store, naming both
-    with pytest.raises(ModelChangedError, match=r"int8 vectors.*fp32 vectors.*--rebuild"):
+    with pytest.raises(ModelChangedError, match=r"int8 \(onnx\) vectors.*fp32 vectors.*--rebuild"):
         run_ingest("garden", proj, stores, embedder, settings, DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
     # queries of an int8 store use the int8 model; fp32 when asked
     hits = store.search("how do I make compost", k=3)
@@ -404,5 +404,5 @@ def test_service_queries_each_store_at_its_own_precision(int8_model, embedder, t
                 assert [i for i, _ in got] == [i for i, _ in want]
                 assert np.allclose([x for _, x in got], [x for _, x in want], atol=2e-4), (store, served, got, want)
         keys = sorted(s.key for s in state.slots)
-        other = "fp32" if served == "int8" else "int8"
-        assert len(keys) == 2 and keys[1].endswith(f"({other})")  # one variant, loaded once, at the other precision
+        other = "(fp32)" if served == "int8" else "(int8/onnx)"
+        assert len(keys) == 2 and keys[1].endswith(other)  # one variant, loaded once, at the other precision

@@ -21,21 +21,24 @@ __all__ = ["find_store", "open_store", "store_embedder"]
 
 def store_embedder(manifest: Manifest, path: Path, quantization: str | None = None) -> Callable[[], "Embedder"]:
     """A function that loads the model a store's manifest names (its folder first, then its name), offline, at the
-    store's precision: an int8 store is queried with the same int8 model, unless `quantization` says otherwise
-    ("none": float32, whose agreement with int8 `stores inspect` reports)."""
+    store's precision: an int8 (or OpenVINO bf16) store is queried with the same model by the same engine, unless
+    `quantization` says otherwise ("none": float32, whose agreement with int8 `stores inspect` reports)."""
 
     def load() -> "Embedder":
         from woolocal_ingest.embedders import load_embedder
 
         model = manifest.model
         quant = model.get("quantization") if quantization is None else quantization
-        quant = quant if quant == "int8" else None  # MLX bits are the MLX backend's own setting
+        # int8 and bf16 vectors are their engine's own (identity.precision_of): queried by the backend that made
+        # them; MLX bits are the MLX backend's own setting
+        backend = model.get("backend") if quantization is None and quant in ("int8", "bf16") else "auto"
+        quant = quant if quant == "int8" else None
         last: Exception | None = None
         for cand in (model.get("path"), model.get("name")):
             if not cand:
                 continue
             try:
-                return load_embedder(cand, quantization=quant)
+                return load_embedder(cand, backend=backend or "auto", quantization=quant)
             except Exception as e:  # try the next way of naming it
                 last = e
         raise StoreError(f"{path}: cannot load the store's model {model.get('name')!r}: {last}")

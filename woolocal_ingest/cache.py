@@ -120,8 +120,9 @@ def model_key(embedder: Any) -> str:
         "max_tokens": int(info.max_tokens),
     }
     quant = None if isinstance(embedder, ModelInfo) else embedder.quantization
-    if quant:  # quantized weights give other vectors (4-bit MiniLM: cosine ~0.97 to float)
-        ident["quantization"] = str(quant)
+    if quant:  # quantized weights give other vectors (4-bit MiniLM: cosine ~0.97 to float), and each engine's own
+        ident["quantization"] = str(quant)  # (ONNX Runtime int8 and OpenVINO int8 differ: identity.precision_of)
+        ident["backend"] = embedder.backend
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     return f"{info.slug}-{info.dim}d-{digest[:16]}"
 

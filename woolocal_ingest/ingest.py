@@ -22,7 +22,7 @@ from woolocal_ingest.documents import (
     Skipped, SourceOptions, describe_redactions, hash_sources, kept_files, parse, read_source,
 )
 from woolocal_ingest.embedders.base import Embedder
-from woolocal_ingest.embedders.identity import model_identity
+from woolocal_ingest.embedders.identity import model_identity, precision_label, precision_of
 from woolocal_ingest.errors import DocumentError, ModelChangedError, SourceMismatchError, StoreError, WoolocalError
 from woolocal_ingest.fsutil import make_backup
 from woolocal_ingest.manifest import read_manifest
@@ -128,11 +128,6 @@ class IngestSummary:
         return d
 
 
-def precision(quantization: str | None) -> str:
-    """How a manifest's `quantization` reads in messages: int8, 4 (MLX bits) or fp32."""
-    return str(quantization) if quantization else "fp32"
-
-
 def check_gate_on_store(embedder: Embedder, target: Path) -> None:
     """An int8 embedder about to write into an existing store is gated on that store's own texts too (a sample)."""
     if embedder.quantization != "int8":
@@ -211,15 +206,17 @@ def plan_ingest(project: str, root: Path, stores_root: Path, embedder: Embedder,
         prev_files = current.manifest.source_files
         prev_model = current.manifest.model
         if (prev_model.get("files_sha256") == model["files_sha256"] and not rebuild
-                and prev_model.get("quantization") != model["quantization"]):
+                and precision_of(prev_model) != precision_of(model)):
+            prev_q, prev_backend = precision_of(prev_model)
             raise ModelChangedError(
-                f"{target}: holds {precision(prev_model.get('quantization'))} vectors of {embedder.model_name}, and "
-                f"this run would add {precision(model['quantization'])} vectors: a store never mixes precisions. "
-                f"Re-embed the whole store as {precision(model['quantization'])} with --rebuild, or run with "
-                f"--quantization {prev_model.get('quantization') or 'none'} to keep it "
-                f"{precision(prev_model.get('quantization'))}.")
-        reuse = (prev_model.get("files_sha256"), prev_model.get("quantization")) == (
-            model["files_sha256"], model["quantization"])
+                f"{target}: holds {precision_label(prev_model)} vectors of {embedder.model_name}, and "
+                f"this run would add {precision_label(model)} vectors: a store never mixes precisions. "
+                f"Re-embed the whole store as {precision_label(model)} with --rebuild, or run with "
+                f"--quantization {'int8' if prev_q == 'int8' else 'none'}"
+                + (f" --backend {prev_backend}" if prev_backend else "")
+                + f" to keep it {precision_label(prev_model)}.")
+        reuse = (prev_model.get("files_sha256"), precision_of(prev_model)) == (
+            model["files_sha256"], precision_of(model))
         if not reuse and not rebuild:
             raise ModelChangedError(
                 f"{target}: was embedded by model files sha256 {prev_model.get('files_sha256')} (quantization "

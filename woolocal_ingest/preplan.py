@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 from woolocal_ingest.documents import Skipped, SourceOptions, hash_sources, kept_files, parse, read_source
 from woolocal_ingest.errors import DocumentError, StoreError, WoolocalError
 from woolocal_ingest.fsutil import sha256_file, write_text_atomic
+from woolocal_ingest.embedders.identity import precision_of
 from woolocal_ingest.manifest import read_manifest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -163,8 +164,8 @@ def pre_plan(project: str, root: Path, stores_root: Path, model: str | None, bac
         pre.work = f"the store records another source folder ({manifest.source_root}): the full run decides"
         return pre
     prev_model = manifest.get("model", {})
-    if (prev_model.get("files_sha256"), prev_model.get("quantization")) != (model_files_sha256(info),
-                                                                            choice.quantization):
+    if (prev_model.get("files_sha256"), precision_of(prev_model)) != (
+            model_files_sha256(info), precision_of({"quantization": choice.quantization, "backend": choice.backend})):
         pre.work = "the model's files differ from the store's"
         return pre
     eff = effective_settings(ChunkSettings(chunk_tokens, overlap_tokens), TokenCounter(info), info.max_tokens)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from woolocal_ingest.embedders.base import Embedder
 
 
@@ -18,3 +20,17 @@ def model_identity(embedder: Embedder) -> dict:
     if report is not None:  # int8: how close it came to float32 (or that it failed and float32 was used)
         out["quantization_gate"] = report.to_dict()
     return out
+
+
+def precision_of(model: Mapping) -> tuple[str | None, str | None]:
+    """A store's vectors' precision, from a manifest's `model` (or a `model_identity`): the quantization and, when
+    there is one (int8, bf16, MLX bits), the backend that made it - ONNX Runtime's int8 and OpenVINO's int8 are two
+    different models' vectors. Vectors of one model's files mix in a store only when this agrees too."""
+    q = model.get("quantization")
+    return (str(q), model.get("backend")) if q else (None, None)
+
+
+def precision_label(model: Mapping) -> str:
+    """How a precision reads in messages: fp32, or e.g. int8 (onnx), bf16 (openvino), 4 (mlx)."""
+    q, backend = precision_of(model)
+    return f"{q} ({backend})" if q else "fp32"

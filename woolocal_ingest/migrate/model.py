@@ -61,15 +61,24 @@ class ModelFacts:
     dim: int
     files_sha256: str | None
     quantization: str | None
+    backend: str | None = None  # what made quantized vectors (ONNX Runtime and OpenVINO int8 differ)
+
+    def precision(self) -> tuple[str | None, str | None]:
+        from woolocal_ingest.embedders.identity import precision_of
+
+        return precision_of({"quantization": self.quantization, "backend": self.backend})
 
 
 def model_facts(emb: "Embedder") -> ModelFacts:
     ident = vector_identity(emb)
-    return ModelFacts(emb.model_name, emb.dim, ident.get("files_sha256"), ident.get("quantization"))
+    return ModelFacts(emb.model_name, emb.dim, ident.get("files_sha256"), ident.get("quantization"),
+                      ident.get("backend"))
 
 
 def same_model(manifest: dict, emb: "Embedder") -> bool:
     ident = vector_identity(emb)
     model = manifest.get("model") or {}
-    return (model.get("files_sha256") == ident["files_sha256"] and model.get("quantization") == ident["quantization"]
+    from woolocal_ingest.embedders.identity import precision_of
+
+    return (model.get("files_sha256") == ident["files_sha256"] and precision_of(model) == precision_of(ident)
             and manifest.get("dim") == emb.dim)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from woolocal_ingest.coowned import CurrentStore, read_current
 from woolocal_ingest.errors import StoreError, WoolocalError
+from woolocal_ingest.embedders.identity import precision_of
 from woolocal_ingest.manifest import read_manifest
 from woolocal_ingest.migrate.layouts import default_project
 from woolocal_ingest.migrate.model import ModelFacts, model_facts
@@ -38,8 +39,8 @@ def _unchanged_reason(target: Path, source: Path, fingerprint: str, python_layou
     except StoreError:
         return None
     mm = m.model
-    same_model = (mm.get("files_sha256"), mm.get("quantization"), m.get("dim")) == (
-        model.files_sha256, model.quantization, model.dim)
+    same_model = (mm.get("files_sha256"), precision_of(mm), m.get("dim")) == (
+        model.files_sha256, model.precision(), model.dim)
     layouts_ok = not python_layout or "langchain-python" in m.layouts
     if not (same_model and layouts_ok):
         return None
@@ -77,7 +78,7 @@ def look_unchanged(request: MigrateRequest, config: "FlowsConfig") -> MigrationS
         choice = pick_backend(info, be, quant)
         if choice.backend not in ("sentence-transformers", "onnx"):
             return None
-        facts = ModelFacts(info.name, info.dim, model_files_sha256(info), choice.quantization)
+        facts = ModelFacts(info.name, info.dim, model_files_sha256(info), choice.quantization, choice.backend)
         target = (source if request.in_place else Path(request.out).expanduser().resolve() if request.out is not None
                   else store_dir(config.stores_root(), request.project or default_project(source), info.slug,
                                       info.dim).resolve())

@@ -202,7 +202,7 @@ async def _store_model(state: ServiceState, sid: str, entry: CachedStore) -> str
         entry.checked_models[resolved] = problem
     if problem:
         raise APIError(409, problem, param="store", code="model_mismatch")
-    return await state.ensure_precision(resolved, model.get("quantization"))  # int8 store: int8 queries
+    return await state.ensure_precision(resolved, model)  # an int8 store: its engine's int8 queries
 
 
 async def retrieve(request: Request, store_name: Any, *, query: str | None = None, vector: np.ndarray | None = None,

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -325,31 +325,33 @@ class ServiceState:
         self.embedder(slot.key)  # 503 while loading or when it failed
         return slot.key
 
-    async def ensure_precision(self, key: str, quantization: str | None) -> str:
-        """The key of served model `key` at the precision a store was embedded with: `key` itself when its
-        embedder runs at that precision, else a variant `<key> (int8)` or `<key> (fp32)` of the same model files,
-        loaded on first use (the request waits for it once), so an int8 store is queried with the int8 model and a
-        float32 store with float32 whatever `serve --quantization` says. APIError 409 for a precision this
-        service cannot make (an MLX bit width)."""
+    async def ensure_precision(self, key: str, store_model: Mapping) -> str:
+        """The key of served model `key` at the precision a store was embedded with (`identity.precision_of` of
+        its manifest's `model`: the quantization and the engine that made it): `key` itself when its embedder
+        makes such vectors, else a variant such as `<key> (int8/onnx)` or `<key> (fp32)` of the same model files,
+        loaded on first use (the request waits for it once). So an int8 store is queried with the int8 model of its
+        engine and a float32 store with float32, whatever `serve --quantization` says. APIError 409 for a precision
+        this service cannot make (an MLX bit width)."""
+        from woolocal_ingest.embedders.identity import precision_of
+
         slot = self.slot(key)
-        have = self.embedder(slot.key).quantization or None
-        want = quantization or None
-        if want == "bf16":  # an OpenVINO bf16 store: float32 queries agree with it (cosine >= 0.999)
-            want = None if have != "bf16" else want
-        if have == want:
+        emb = self.embedder(slot.key)
+        want = precision_of(store_model)
+        if precision_of({"quantization": emb.quantization, "backend": emb.backend}) == want:
             return slot.key
-        if want not in (None, "int8"):
-            raise APIError(409, f"model {slot.key} runs at precision {have or 'fp32'} here but the store was embedded "
-                                f"at {want}; query it where that precision runs, or migrate it", param="store",
-                           code="model_mismatch")
-        vkey = f"{slot.key} ({want or 'fp32'})"
+        quant, backend = want
+        if quant not in (None, "int8", "bf16"):
+            raise APIError(409, f"model {slot.key} runs at precision {emb.quantization or 'fp32'} here but the store "
+                                f"was embedded at {quant} ({backend}); query it where that precision runs, or migrate "
+                                "it", param="store", code="model_mismatch")
+        vkey = f"{slot.key} ({quant}/{backend})" if quant else f"{slot.key} (fp32)"
         with self._lock:
             variant = next((s for s in self.slots if s.key == vkey), None)
             if variant is None:
                 model = str(slot.info.path) if slot.info is not None else slot.spec.model
-                backend = "onnx" if want == "int8" else slot.embedder.backend
-                variant = ModelSlot(key=vkey, spec=ModelSpec(model=model, backend=backend, quantization=want),
-                                    info=slot.info, on_demand=True)
+                spec = ModelSpec(model=model, backend=backend or ("onnx" if emb.backend == "openvino" else "auto"),
+                                 quantization="int8" if quant == "int8" else None)
+                variant = ModelSlot(key=vkey, spec=spec, info=slot.info, on_demand=True)
                 self.slots.append(variant)
                 self._index(variant, {vkey})
         if variant.status == "loading":
