@@ -175,3 +175,46 @@ def test_cli_ingest_writes_an_openvino_int8_store_fp32_never_joins(ov_int8, tmp_
                   ("--backend", "onnx", "--quantization", "int8")):
         r = cli("ingest", str(proj), "--no-prefect", *flags, code=None)
         assert r.exit_code != 0 and "int8" in r.stderr and "never mixes precisions" in r.stderr, (flags, r.stderr)
+
+
+def test_service_queries_openvino_stores_with_the_engine_that_made_them(ov_int8, tmp_path):
+    """A real server serving the model on ONNX Runtime float32: an OpenVINO int8 store's and an OpenVINO
+    default-precision store's text queries are embedded by OpenVINO variants of the same files (scores equal to
+    searching in-process with the embedder that wrote each store), an ONNX Runtime float32 store's by the served
+    model."""
+    import httpx
+
+    from servers import running
+    from woolocal_ingest.api import open_store
+    from woolocal_ingest.chunking import ChunkSettings
+    from woolocal_ingest.config import FlowsConfig, PurposeConfig, ServiceConfig
+    from woolocal_ingest.documents import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+    from woolocal_ingest.embedders.onnx import OnnxEmbedder
+    from woolocal_ingest.embedders.openvino import OpenVinoEmbedder
+    from woolocal_ingest.ingest import run_ingest
+    from woolocal_ingest.service.app import create_app
+
+    info, ov8 = ov_int8
+    stores, proj = tmp_path / "stores", tmp_path / "garden"
+    shutil.copytree(SAMPLE, proj)
+    writers = {"ov8": ov8, "ovdefault": OpenVinoEmbedder(info).load(), "ort32": OnnxEmbedder(info).load()}
+    for name, emb in writers.items():
+        run_ingest(name, proj, stores, emb, ChunkSettings(), DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    cfg = FlowsConfig(base_dir=tmp_path, purposes={"projects": PurposeConfig(model=str(info.path), backend="onnx")},
+                      service=ServiceConfig(models=["projects"]))
+    query = "how much water do tomatoes need in summer"
+    app = create_app(cfg, stores_root=stores, load_in_background=False)
+    with running(app, wait_healthy=True) as base:
+        for name, emb in writers.items():
+            r = httpx.post(f"{base}/v1/stores/{name}/search", json={"query": query, "k": 5, "mode": "dense"},
+                           timeout=300)
+            assert r.status_code == 200, r.text
+            got = [(h["id"], h["score"]) for h in r.json()["data"]]
+            store = open_store(next((stores / name).iterdir()), embedder=emb)
+            want = [(h.id, h.score) for h in store.search(query, k=5, mode="dense")]
+            assert [i for i, _ in got] == [i for i, _ in want], name
+            assert np.allclose([x for _, x in got], [x for _, x in want], atol=2e-4), (name, got, want)
+    keys = {s.key for s in app.state.service.slots}
+    assert any(k.endswith("(int8/openvino)") for k in keys), keys  # loaded once, on first use
+    bf16 = writers["ovdefault"].quantization  # "bf16" on CPUs with avx512_bf16/AMX, else None (float32)
+    assert not bf16 or any(k.endswith(f"({bf16}/openvino)") for k in keys), keys
