@@ -1,8 +1,8 @@
 """int8 vs float32 retrieval quality on the labelled conda set, question by question.
 
 Three stores of conda-docs are ingested from the same chunks (a copy of the packaged all-MiniLM-L6-v2, ONNX Runtime):
-float32, int8 with every MatMul quantized, and int8 as shipped (mixed precision: `quantize.plan_mixed` leaves the
-widest-ranged MatMuls in float32). Each is scored with `woolocal_ingest.eval` on `bench/conda/queries.tsv` (every
+float32, int8 with every MatMul quantized, int8 as shipped (mixed precision: `quantize.plan_mixed` leaves the
+widest-ranged MatMuls in float32), and OpenVINO's NNCF int8 (when OpenVINO and NNCF are installed). Each is scored with `woolocal_ingest.eval` on `bench/conda/queries.tsv` (every
 mode); the int8 arms are compared with float32 per question (paired: mean difference of nDCG@10 in points with a 95%
 bootstrap interval, and how many questions differ) and vector by vector over every chunk of the store (cosine to
 float32, top-10 neighbour agreement), besides the same figures on the packaged calibration texts.
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--model-dir", default="/tmp/woolocal-bench-minilm",
                     help="a copy of the packaged MiniLM (made if missing): export and int8 files are written there")
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "int8_accuracy.json"))
+    ap.add_argument("--no-openvino", action="store_true", help="leave out the OpenVINO int8 arm")
     args = ap.parse_args()
     os.environ.setdefault("WOOLOCAL_PROBE", "off")
 
@@ -72,6 +73,13 @@ def main() -> None:
                                                    int8_settings=dataclasses.replace(shipped, target_min_cos=0.0)),
         "int8, shipped (mixed)": lambda: OnnxEmbedder(info, quantization="int8"),
     }
+    if not args.no_openvino:
+        from woolocal_ingest.embedders.openvino import nncf_available, openvino_available
+
+        if openvino_available() and nncf_available():
+            from woolocal_ingest.embedders.openvino import OpenVinoEmbedder
+
+            arms["OpenVINO int8 (NNCF)"] = lambda: OpenVinoEmbedder(info, quantization="int8")
     data = load_eval_set(QUESTIONS)
     cal = calibration_texts()
     work = Path(tempfile.mkdtemp(prefix="int8-accuracy-"))
