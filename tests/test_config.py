@@ -118,7 +118,7 @@ BAD = [
                  ["defaults.chunking", "overlap_tokens", "smaller than chunk_tokens"], id="overlap-too-big"),
     pytest.param("defaults:\n  chunk_size: 300\n", ["defaults.chunk_size", "unknown key"], id="unknown-key"),
     pytest.param("purposes:\n  projects:\n    backend: tensorflow\n",
-                 ["purposes.projects.backend", "'auto', 'sentence-transformers', 'onnx', 'mlx' or 'openai-compatible'",
+                 ["purposes.projects.backend", "'auto', 'sentence-transformers', 'onnx', 'openvino', 'mlx' or 'openai-compatible'",
                   "'tensorflow'"], id="bad-backend"),
     pytest.param("purposes:\n  projects:\n    backend: openai-compatible\n",
                  ["purposes.projects", "endpoint: required"], id="remote-without-endpoint"),
