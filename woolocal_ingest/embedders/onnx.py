@@ -49,6 +49,8 @@ OPSET = 17  # LayerNormalization is a native op from 17 on: ORT fuses it
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "last_hidden_state"
 TMP_SUFFIX = ".tmp"
+# Architectures torch.onnx.export handles through transformers' AutoModel here (BERT family, MPNet, XLM-R...).
+ONNX_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "camembert"}
 
 
 @lru_cache(maxsize=1)

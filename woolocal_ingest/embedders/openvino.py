@@ -32,7 +32,7 @@ import numpy as np
 
 from woolocal_ingest.embedders.base import TransformerEmbedder
 from woolocal_ingest.embedders.gated import GatedInt8
-from woolocal_ingest.embedders.onnx import TMP_SUFFIX, OnnxEmbedder, find_or_build, onnx_available
+from woolocal_ingest.embedders.onnx import ONNX_MODEL_TYPES, TMP_SUFFIX, OnnxEmbedder, find_or_build, onnx_available
 from woolocal_ingest.embedders.registry import ModelInfo
 from woolocal_ingest.errors import ConfigError
 from woolocal_ingest.fsutil import fsync_dir
@@ -41,6 +41,11 @@ PRECISIONS = {"bf16": "bf16", "f16": "f16", "f32": None}  # OpenVINO's name -> t
 
 
 @lru_cache(maxsize=1)
+def can_run(info: ModelInfo) -> bool:
+    """OpenVINO can run this model here: it is installed and the model's architecture exports to ONNX."""
+    return openvino_available() and info.model_type in ONNX_MODEL_TYPES
+
+
 def openvino_available() -> bool:
     """True when OpenVINO's CPU plugin loads and the ONNX backend can export (torch, onnx, onnxruntime)."""
     try:
@@ -249,4 +254,4 @@ class OpenVinoEmbedder(GatedInt8, TransformerEmbedder):
         self.quantization = None
 
 
-__all__ = ["OpenVinoEmbedder", "default_precision", "nncf_available", "openvino_available"]
+__all__ = ["OpenVinoEmbedder", "can_run", "default_precision", "nncf_available", "openvino_available"]

@@ -12,8 +12,6 @@ from woolocal_ingest.errors import ConfigError
 BACKENDS = ("auto", "sentence-transformers", "onnx", "openvino", "mlx", "openai-compatible")
 LOCAL_BACKENDS = ("sentence-transformers", "onnx", "openvino", "mlx")
 INT8_BACKENDS = ("onnx", "openvino")  # int8 runs on ONNX Runtime or OpenVINO (both gated against float32)
-# Architectures torch.onnx.export handles through transformers' AutoModel here (BERT family, MPNet, XLM-R...).
-ONNX_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "camembert"}
 # `auto` on a CPU without Metal runs the timed probe (embedders/probe.py). Without it (WOOLOCAL_PROBE=off, or no ONNX
 # Runtime) the static default below holds, from bench/README.md (engine benchmark, 768 conda-docs chunks, 2 cores):
 # token-budget batching gives sentence-transformers 40.95 chunks/s and ONNX Runtime 41.05 - a tie - while ONNX costs
@@ -35,18 +33,18 @@ def _apple_metal() -> bool:
 
 def _onnx_ok(info: ModelInfo) -> bool:
     try:
-        from woolocal_ingest.embedders.onnx import onnx_available
+        from woolocal_ingest.embedders.onnx import ONNX_MODEL_TYPES, onnx_available
     except ImportError:
         return False
     return onnx_available() and info.model_type in ONNX_MODEL_TYPES
 
 
-def _openvino_ok(info: ModelInfo) -> bool:
+def openvino_ok(info: ModelInfo) -> bool:
     try:
-        from woolocal_ingest.embedders.openvino import openvino_available
+        from woolocal_ingest.embedders.openvino import can_run
     except ImportError:
         return False
-    return openvino_available() and info.model_type in ONNX_MODEL_TYPES
+    return can_run(info)
 
 
 def _mlx_ok(info: ModelInfo) -> bool:
@@ -62,7 +60,7 @@ def backends_for(info: ModelInfo) -> list[str]:
     out = ["sentence-transformers"]
     if _onnx_ok(info):
         out.append("onnx")
-    if _openvino_ok(info):
+    if openvino_ok(info):
         out.append("openvino")
     if _mlx_ok(info):
         out.append("mlx")
@@ -122,7 +120,7 @@ def load_embedder(model: str | None = None, backend: str = "auto", batch_size: i
     elif choice.backend == "openvino":
         from woolocal_ingest.embedders.openvino import OpenVinoEmbedder
 
-        if not _openvino_ok(info):
+        if not openvino_ok(info):
             raise ConfigError(f"backend openvino cannot run model {info.name} here (openvino, onnx and torch "
                               f"installed; a BERT-family model, not {info.model_type!r})")
         # `auto` picked it (the probe measured it in f32): f32, so a float store stays float32. Asked for by name:
