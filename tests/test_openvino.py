@@ -145,25 +145,12 @@ def test_router_and_config_accept_openvino(ov_int8):
 
 
 def test_cli_ingest_writes_an_openvino_int8_store_fp32_never_joins(ov_int8, tmp_path):
-    import yaml
-    from click.testing import CliRunner
-
-    from woolocal_cli import main
+    from cli_project import cli_project
     from woolocal_ingest.manifest import read_manifest
 
     info, _ = ov_int8
     model = str(info.path)
-    cfg = tmp_path / "flows.yaml"
-    cfg.write_text(yaml.safe_dump({"version": 1, "defaults": {"stores_root": "stores"}, "cache": {"enabled": False},
-                                   "purposes": {"projects": {"model": model}, "userProfile": {"model": model}}}))
-    proj = tmp_path / "garden"
-    shutil.copytree(SAMPLE, proj)
-
-    def cli(*args, code=0):
-        r = CliRunner().invoke(main, ["--config", str(cfg), *args])
-        if code is not None:
-            assert r.exit_code == code, (args, r.exit_code, r.stdout[-2000:], r.stderr[-2000:], r.exception)
-        return r
+    proj, cli = cli_project(tmp_path, model)
 
     out = json.loads(cli("ingest", str(proj), "--no-prefect", "--backend", "openvino", "--quantization", "int8",
                          "--json").stdout)

@@ -308,26 +308,13 @@ def test_store_sample_gate_refuses_what_the_calibration_gate_passed(int8_model, 
 def test_quantization_flag_end_to_end_through_the_cli(int8_model, tmp_path):
     """`--quantization int8` on ingest, migrate and embed: int8 stores with the gate in the manifest, fp32 refused
     on them, int8 vectors close to fp32 but not equal."""
-    import yaml
-    from click.testing import CliRunner
-
+    from cli_project import cli_project
     from woolocal_ingest.api import open_store
-    from woolocal_cli import main
     from woolocal_ingest.manifest import read_manifest
 
     info, emb = int8_model
     model = str(info.path)
-    cfg = tmp_path / "flows.yaml"
-    cfg.write_text(yaml.safe_dump({"version": 1, "defaults": {"stores_root": "stores"}, "cache": {"enabled": False},
-                                   "purposes": {"projects": {"model": model}, "userProfile": {"model": model}}}))
-    proj = tmp_path / "garden"
-    shutil.copytree(SAMPLE, proj)
-
-    def cli(*args, code=0, input=None):
-        r = CliRunner().invoke(main, ["--config", str(cfg), *args], input=input)
-        if code is not None:
-            assert r.exit_code == code, (args, r.exit_code, r.stdout[-2000:], r.stderr[-2000:], r.exception)
-        return r
+    proj, cli = cli_project(tmp_path, model)
 
     out = json.loads(cli("ingest", str(proj), "--no-prefect", "--quantization", "int8", "--json").stdout)
     m = read_manifest(Path(out["store"]))["model"]
