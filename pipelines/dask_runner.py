@@ -9,7 +9,7 @@ flows.yaml says `task_runner: {type: dask}`, which:
    environment before they import prefect, so that no worker starts an ephemeral API server of its own;
 2. meanwhile starts a `LocalCluster` (`workers` processes, 1 thread each), or connects to `address` and hands the URL
    to its workers with a worker plugin, and has every worker load the model (once per worker process, kept in
-   `pipelines.flow_embedders.EMBEDDERS`) while the API server is still starting;
+   `embedders.get`, the process's one cache) while the API server is still starting;
 3. gives the flow a `DaskTaskRunner` on that scheduler (the flow decorator fixes its task runner at definition time,
    hence `with_options` at call time); the flow embeds in coarse shards that workers write to .npy files;
 4. on the way out, whatever the outcome: closes the cluster it started, sends Prefect's pending logs and events, and
